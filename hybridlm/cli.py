@@ -1,0 +1,80 @@
+"""`hybridlm <command>`: the command line.
+
+    hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
+
+A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hybridlm import config as config_lib
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed without a traceback."""
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.a.b=v` (or `--config.a.b v`) overrides from the other flags."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" not in arg:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise UserError(f"{arg} needs a value: {arg}=VALUE")
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            overrides.append(arg[len("--config."):])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridlm", description="Long-context LM pretraining around the hybrid "
+        "RoPE-SWA / NoPE attention stack.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="train a model (resumes from the workdir's checkpoints)",
+        description="Train a model. Config fields are overridden with --config.a.b=value.")
+    train.add_argument("--config", default=config_lib.DEFAULT_CONFIG,
+                       help="config file with get_config(arg), as FILE or FILE:k=v,... "
+                       f"(default {config_lib.DEFAULT_CONFIG})")
+    train.add_argument("--workdir", default=None,
+                       help="where the run writes config.json, metrics.jsonl, tb/ "
+                       "(default runs/<config name>)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = config_lib.load(args.config, overrides)
+    workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
+    from hybridlm.train.trainer import train  # heavy imports after validation
+
+    print(f"training {args.config} in {workdir}", flush=True)
+    train(cfg, workdir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        if overrides and args.command not in ("train",):
+            raise UserError(f"--config.* overrides are not accepted by {args.command}")
+        return {"train": cmd_train}[args.command](args, overrides)
+    except (UserError, config_lib.ConfigError) as e:
+        print(f"hybridlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

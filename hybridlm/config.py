@@ -1,0 +1,328 @@
+"""Config schema, loading, overrides and validation.
+
+Configs are Python files with `get_config(arg) -> ConfigDict` (big_vision style):
+
+    hybridlm train --config configs/paper.py:variant=rnope_swa,seq_len=32768 \
+        --config.train.steps=500 --workdir runs/x
+
+`defaults()` is the schema: every field exists there with its default and a comment.
+`load()` builds a config file's ConfigDict, applies `a.b=value` overrides, fills the
+layer-type table, and validates it, so that a mistake is one clear `ConfigError` naming
+the field, raised before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import ml_collections as mlc
+
+from hybridlm.model.pattern import (
+    LAYER_FIELDS,
+    QK_NORMS,
+    ROPE_STYLES,
+    layer_defaults,
+    parse_pattern,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/tiny.py"
+BYTE_VOCAB = 259  # 256 bytes + BOS/EOS, PAD, UNK: see hybridlm/data/tokenizers.py
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message names the field and what to do."""
+
+
+def defaults() -> mlc.ConfigDict:
+    """The full schema with defaults. Config files start from this and change fields."""
+    c = mlc.ConfigDict()
+
+    c.model = m = mlc.ConfigDict()
+    m.vocab_size = 512  # embedding rows; must be >= the tokenizer's vocabulary
+    m.d_model = 256  # residual stream width
+    m.num_layers = 4  # depth; the pattern repeats to fill it
+    m.num_heads = 4  # query heads
+    m.num_kv_heads = 4  # key/value heads (GQA when fewer than num_heads)
+    m.head_dim = 64  # width of one head
+    m.mlp_dim = 1024  # hidden width of the gated MLP
+    m.activation = "silu"  # gated MLP activation: "silu" (SwiGLU) | "gelu" (GeGLU)
+    m.norm = "rms"  # "rms" | "layernorm" (Cohere: mean-centred, no bias)
+    m.norm_eps = 1e-6  # epsilon of every norm
+    m.block = "sequential"  # "sequential" (x+attn, then x+mlp) | "parallel" (Cohere)
+    m.tie_embeddings = True  # LM head shares the embedding matrix
+    m.logit_scale = 1.0  # multiplies the logits (Cohere: 0.25)
+    m.layer_types = {"global": {}}  # name -> LayerSpec fields (hybridlm/model/pattern.py)
+    m.pattern = "global"  # comma-separated layer-type names, repeated to num_layers
+    m.allow_partial_pattern = False  # let num_layers % len(pattern) != 0 (Gemma 3)
+    m.scan_layers = True  # scan over pattern groups (False: unrolled, same numbers)
+    m.remat = "none"  # rematerialisation: "none" | "full" | "dots" | "dots_no_batch"
+    m.attention_impl = "auto"  # attention kernel: see hybridlm.ops.IMPLS
+    m.dtype = "float32"  # activation dtype: "float32" | "bfloat16" (params stay float32)
+    m.init_std = 0.02  # std of the weight init (output projections: / sqrt(2 * layers))
+
+    c.data = d = mlc.ConfigDict()
+    d.source = "stdlib"  # "stdlib": the Python standard library's source files
+    d.tokenizer = "byte"  # "byte": UTF-8 bytes, always available
+    d.seq_len = 512  # training sequence length in tokens
+
+    c.train = t = mlc.ConfigDict()
+    t.steps = 300  # optimizer steps
+    t.batch_size = 8  # global batch, in sequences
+    t.seed = 0  # seeds parameters and data order
+    t.learning_rate = 3e-3  # peak learning rate
+    t.warmup_steps = 30  # linear warmup, then cosine decay to 10% of the peak
+    t.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only)
+    t.b1 = 0.9  # AdamW beta1
+    t.b2 = 0.95  # AdamW beta2
+    t.grad_clip = 1.0  # clip the global gradient norm to this (0: off)
+
+    c.log = lg = mlc.ConfigDict()
+    lg.every = 10  # log metrics every this many steps
+    return c
+
+
+# Model shapes by name: (d_model, num_layers, num_heads, num_kv_heads, head_dim, mlp_dim, vocab).
+MODEL_SIZES = {
+    "tiny": (256, 4, 4, 4, 64, 1024, 512),  # CPU-sized; byte tokenizer vocabulary
+    "small": (512, 8, 8, 4, 64, 2048, 8192),
+    "150m": (768, 12, 12, 4, 64, 3072, 32768),
+    "1b": (2048, 16, 16, 8, 128, 8192, 131072),
+    "8b": (4096, 32, 32, 8, 128, 14336, 256000),  # the paper's 8B shape (Cohere vocabulary)
+}
+
+
+def set_size(model: mlc.ConfigDict, size: str) -> None:
+    """Set the model's shape fields from MODEL_SIZES."""
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    (model.d_model, model.num_layers, model.num_heads, model.num_kv_heads, model.head_dim,
+     model.mlp_dim, model.vocab_size) = MODEL_SIZES[size]
+
+
+def parse_arg(arg: str | None, **spec: Any) -> mlc.ConfigDict:
+    """'variant=rope,seq_len=4096' -> ConfigDict, typed by the defaults given in spec."""
+    out = mlc.ConfigDict(dict(spec))
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if key not in spec:
+            raise ConfigError(f"unknown config argument {key!r}; known: {sorted(spec)}")
+        if not sep:
+            raw = "True"  # a bare flag, e.g. `:runlocal`
+        value = _literal(raw.strip())
+        default = spec[key]
+        if default is not None and not isinstance(value, type(default)):
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+            elif isinstance(default, str):
+                value = str(raw.strip())
+            else:
+                raise ConfigError(f"config argument {key}={raw!r}: expected "
+                                  f"{type(default).__name__}")
+        out[key] = value
+    return out
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def resolve_config_path(path: str) -> Path:
+    """A config path as given, or relative to the repository (for `configs/...`)."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {path!r} not found (looked in the current directory and "
+                      f"in {REPO_ROOT}); pass a path like configs/tiny.py")
+
+
+def from_file(spec: str) -> mlc.ConfigDict:
+    """'path/to/file.py[:arg]' -> the ConfigDict that file's get_config(arg) returns."""
+    path_str, _, arg = spec.partition(":")
+    path = resolve_config_path(path_str)
+    module_spec = importlib.util.spec_from_file_location(f"hybridlm_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config(arg) function")
+    cfg = module.get_config(arg or None)
+    if not isinstance(cfg, mlc.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+    return cfg
+
+
+def apply_override(cfg: mlc.ConfigDict, override: str) -> None:
+    """Set one 'a.b.c=value' override in place; the value is a Python literal or a string."""
+    key, sep, raw = override.partition("=")
+    key = key.strip().removeprefix("--").removeprefix("config.")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.field=value")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, mlc.ConfigDict) or part not in node:
+            raise ConfigError(_unknown(".".join(parents[: i + 1]), part, node))
+        node = node[part]
+    if not isinstance(node, mlc.ConfigDict) or leaf not in node:
+        raise ConfigError(_unknown(key, leaf, node))
+    value, old = _literal(raw.strip()), node[leaf]
+    if isinstance(old, str) and not isinstance(value, str):
+        value = raw.strip()
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, mlc.ConfigDict) or (
+            old is not None and value is not None and type(value) is not type(old)):
+        raise ConfigError(f"config.{key}={raw!r}: expected a {type(old).__name__} like "
+                          f"{old!r}")
+    try:
+        node[leaf] = value
+    except TypeError as e:  # ml_collections refuses to change a field's type
+        raise ConfigError(f"config.{key}={raw!r}: {e}") from None
+
+
+def _unknown(path: str, name: str, node: Any) -> str:
+    known = list(node.keys()) if isinstance(node, mlc.ConfigDict) else []
+    hint = difflib.get_close_matches(name, known, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown config field {path!r}{did_you_mean}; fields here: {sorted(known)}"
+
+
+def load(spec: str | None = None, overrides: Iterable[str] = ()) -> mlc.ConfigDict:
+    """Build, override, complete and validate a config. Raises ConfigError on mistakes."""
+    cfg = from_file(spec or DEFAULT_CONFIG)
+    _check_keys(cfg, defaults(), "")
+    _fill_layer_types(cfg)
+    for override in overrides:
+        apply_override(cfg, override)
+    _fill_layer_types(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _check_keys(cfg: mlc.ConfigDict, schema: mlc.ConfigDict, prefix: str) -> None:
+    """Every key of cfg must exist in the schema (layer-type entries are user-named)."""
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(_unknown(path, key, schema))
+        if path == "model.layer_types":
+            continue
+        if isinstance(schema[key], mlc.ConfigDict) and isinstance(cfg[key], mlc.ConfigDict):
+            _check_keys(cfg[key], schema[key], path + ".")
+    missing = [k for k in schema.keys() if k not in cfg]
+    if missing:
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where} lacks fields {missing}: build configs on "
+                          "hybridlm.config.defaults()")
+
+
+def _fill_layer_types(cfg: mlc.ConfigDict) -> None:
+    """Complete every layer-type entry with the LayerSpec defaults, rejecting unknown fields."""
+    types = cfg.model.layer_types
+    if not isinstance(types, mlc.ConfigDict) or not types:
+        raise ConfigError("model.layer_types must be a non-empty table: name -> fields")
+    for name in types.keys():
+        entry = types[name]
+        if not isinstance(entry, mlc.ConfigDict):
+            raise ConfigError(f"model.layer_types.{name} must be a table of LayerSpec fields")
+        for key in entry.keys():
+            if key not in LAYER_FIELDS:
+                raise ConfigError(_unknown(f"model.layer_types.{name}.{key}", key,
+                                           mlc.ConfigDict(layer_defaults())))
+        filled = layer_defaults()
+        filled.update(entry.to_dict())
+        types[name] = mlc.ConfigDict(filled)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_int(value: Any, field: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"{field} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def validate(cfg: mlc.ConfigDict) -> None:
+    """Check a filled config; every rule names its field."""
+    from hybridlm.model.transformer import DTYPES, REMAT_POLICIES
+    from hybridlm.ops import IMPLS  # late import: ops imports nothing from config
+
+    m = cfg.model
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "mlp_dim"):
+        _positive_int(m[field], f"model.{field}")
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads "
+             f"({m.num_kv_heads})")
+    for field, allowed in (("activation", ("silu", "gelu")), ("norm", ("rms", "layernorm")),
+                           ("block", ("sequential", "parallel")), ("remat", tuple(REMAT_POLICIES)),
+                           ("attention_impl", IMPLS), ("dtype", tuple(DTYPES))):
+        _require(m[field] in allowed, f"model.{field} is {m[field]!r}; choose one of {allowed}")
+    names = parse_pattern(m.pattern)
+    _require(bool(names), "model.pattern is empty; give comma-separated layer-type names")
+    for name in names:
+        _require(name in m.layer_types, f"model.pattern names {name!r}, which is not in "
+                 f"model.layer_types (defined: {sorted(m.layer_types.keys())})")
+    _require(m.num_layers % len(names) == 0 or m.allow_partial_pattern,
+             f"model.num_layers ({m.num_layers}) is not a multiple of the pattern length "
+             f"({len(names)}: {m.pattern!r}); change one of them, or set "
+             "model.allow_partial_pattern=True to fill the remaining layers with the "
+             "pattern's first entries")
+    for name in m.layer_types.keys():
+        _validate_layer_type(m.layer_types[name], f"model.layer_types.{name}", m.head_dim)
+    _require(cfg.data.tokenizer != "byte" or m.vocab_size >= BYTE_VOCAB,
+             f"model.vocab_size ({m.vocab_size}) is smaller than the byte tokenizer's "
+             f"vocabulary ({BYTE_VOCAB}); raise model.vocab_size")
+    _positive_int(cfg.data.seq_len, "data.seq_len")
+    _positive_int(cfg.train.batch_size, "train.batch_size")
+    _require(isinstance(cfg.train.steps, int) and cfg.train.steps >= 0,
+             f"train.steps must be an integer >= 0, got {cfg.train.steps!r}")
+    _positive_int(cfg.log.every, "log.every")
+    _require(cfg.train.learning_rate > 0, "train.learning_rate must be > 0")
+
+
+def _validate_layer_type(t: mlc.ConfigDict, where: str, head_dim: int) -> None:
+    _positive_int(t.window, f"{where}.window", allow_none=True)
+    _positive_int(t.chunk, f"{where}.chunk", allow_none=True)
+    _positive_int(t.temperature_floor, f"{where}.temperature_floor", allow_none=True)
+    _require(isinstance(t.rope, bool), f"{where}.rope must be True or False")
+    _require(t.rope_style in ROPE_STYLES, f"{where}.rope_style is {t.rope_style!r}; "
+             f"choose one of {ROPE_STYLES}")
+    _require(t.qk_norm in QK_NORMS, f"{where}.qk_norm is {t.qk_norm!r}; choose one of {QK_NORMS}")
+    _require(not t.rope or t.rope_theta > 0, f"{where}.rope_theta must be > 0")
+    _require(not t.rope or head_dim % 2 == 0,
+             f"model.head_dim ({head_dim}) must be even for RoPE (layer type {where})")
+
+
+def to_json(cfg: mlc.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def save(cfg: mlc.ConfigDict, path: str | Path) -> None:
+    Path(path).write_text(to_json(cfg) + "\n")
+
+
+def from_json(text: str) -> mlc.ConfigDict:
+    """Inverse of to_json (e.g. the config.json a run wrote)."""
+    return mlc.ConfigDict(json.loads(text))
+
+
+def model_dict(cfg: mlc.ConfigDict) -> dict[str, Any]:
+    """The model section as plain Python values (what Transformer and flops read)."""
+    return cfg.model.to_dict()

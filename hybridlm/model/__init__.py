@@ -1,0 +1,8 @@
+"""Flax NNX model code: no mesh, no kernel choice, only logical axis names."""
+
+from hybridlm.model.flops import flops_per_token, matmul_param_count, param_count
+from hybridlm.model.pattern import LayerSpec, expand, layer_defaults, parse_pattern
+from hybridlm.model.transformer import Transformer
+
+__all__ = ["LayerSpec", "Transformer", "expand", "flops_per_token", "layer_defaults",
+           "matmul_param_count", "param_count", "parse_pattern"]

@@ -1,0 +1,73 @@
+"""One attention layer, as the paper describes it.
+
+    q, k, v = projections of x               (GQA: fewer key/value heads than query heads)
+    q, k    = QK-norm, if the layer has it   ("pre_rope": the paper's QK-Norm variant)
+    q, k    = RoPE(q, k, positions)          (only on RoPE layers; NoPE layers skip it)
+    q, k    = QK-norm after RoPE             ("post_rope": Llama 4)
+    q       = q * temperature(positions)     (Llama 4 NoPE layers)
+    out     = softmax(q k^T / sqrt(D) + mask) v, through hybridlm.ops.attention
+
+The mask (causal, window, chunk, segments) comes from the layer's LayerSpec; which
+kernel computes it is `impl`, chosen by config, never here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hybridlm import ops
+from hybridlm.model.layers import Norm, constrain, dense, param
+from hybridlm.model.pattern import LayerSpec
+from hybridlm.model.rope import apply_rope
+
+
+def temperature(positions: jax.Array, floor: int, scale: float) -> jax.Array:
+    """Llama 4's attention temperature tuning: grows with log of the position."""
+    steps = jnp.floor((positions.astype(jnp.float32) + 1.0) / floor)
+    return jnp.log(steps + 1.0) * scale + 1.0
+
+
+class Attention(nnx.Module):
+    def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 spec: LayerSpec, norm_eps: float, std: float, out_std: float, impl: str,
+                 rngs: nnx.Rngs):
+        self.spec, self.impl = spec, impl
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
+        self.wkv = param(rngs, (d_model, 2, num_kv_heads, head_dim),
+                         ("embed", None, "kv_heads", "head_dim"), std)
+        self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"),
+                        out_std)
+        if spec.qk_norm != "none":
+            kw = dict(kind="rms", eps=norm_eps, axes=("head_dim",), rngs=rngs,
+                      learnable=spec.qk_norm_scale)
+            self.q_norm, self.k_norm = Norm(head_dim, **kw), Norm(head_dim, **kw)
+        self.sinks = param(rngs, (num_heads,), ("heads",), 0.0) if spec.sink else None
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> jax.Array:
+        spec = self.spec
+        q = dense(x, self.wq[...])  # [B, T, H, D]
+        kv = dense(x, self.wkv[...])  # [B, T, 2, Hkv, D]
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if spec.qk_norm == "pre_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.rope:
+            q = apply_rope(q, positions, spec.rope_theta, spec.rope_style)
+            k = apply_rope(k, positions, spec.rope_theta, spec.rope_style)
+        if spec.qk_norm == "post_rope":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.temperature_floor is not None:
+            scale = temperature(positions, spec.temperature_floor, spec.temperature_scale)
+            q = (q * scale[:, :, None, None]).astype(q.dtype)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        mask = ops.MaskSpec(causal=True, window=spec.window, chunk=spec.chunk,
+                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                            q_positions=positions, kv_positions=positions)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out = ops.attention(q, k, v, mask, self.impl, sinks=sinks)
+        return dense(out, self.wo[...], contract=2)

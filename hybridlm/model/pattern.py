@@ -1,0 +1,83 @@
+"""The attention stack as data: a table of named layer types and a pattern of their names.
+
+`expand(layer_types, pattern, num_layers)` turns the config into one `LayerSpec` per
+layer. The paper's RNoPE-SWA is
+
+    layer_types = {local: {rope: True, window: 4096}, global: {rope: False}}
+    pattern = "local,local,local,global"
+
+and every other variant is another table or another pattern (see configs/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+ROPE_STYLES = ("half", "interleaved")
+QK_NORMS = ("none", "pre_rope", "post_rope")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Everything that makes one attention layer differ from another."""
+
+    name: str = "global"
+    rope: bool = True  # rotary position embedding on q and k; False = NoPE
+    rope_theta: float = 10_000.0  # RoPE base
+    rope_style: str = "half"  # "half": rotate halves (Llama); "interleaved": pairs (GPT-J, Cohere)
+    window: int | None = None  # sliding window: the W most recent keys, the query included
+    chunk: int | None = None  # chunked attention: keys in the query's own C-token chunk only
+    qk_norm: str = "none"  # RMS-normalise q and k: "none" | "pre_rope" | "post_rope"
+    qk_norm_scale: bool = True  # learnable scale in the q/k norm (Llama-4's has none)
+    temperature_floor: int | None = None  # Llama-4: q *= 1 + scale*log(floor((p+1)/floor)+1)
+    temperature_scale: float = 0.1  # the `scale` in the line above
+    sink: bool = False  # learned per-head sink logit in the softmax (GPT-OSS)
+
+    @property
+    def is_local(self) -> bool:
+        """True when the layer sees a bounded span (window or chunk)."""
+        return self.window is not None or self.chunk is not None
+
+
+LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec) if f.name != "name")
+
+
+def layer_defaults() -> dict[str, Any]:
+    """Defaults for a layer-type entry: a RoPE layer with full causal attention."""
+    spec = LayerSpec()
+    return {name: getattr(spec, name) for name in LAYER_FIELDS}
+
+
+def parse_pattern(pattern: str) -> list[str]:
+    """'local, local,local,global' -> ['local', 'local', 'local', 'global']."""
+    return [name.strip() for name in pattern.split(",") if name.strip()]
+
+
+def make_spec(name: str, fields: Mapping[str, Any]) -> LayerSpec:
+    values = layer_defaults()
+    values.update(fields)
+    return LayerSpec(name=name, **values)
+
+
+def expand(layer_types: Mapping[str, Mapping[str, Any]], pattern: str,
+           num_layers: int) -> list[LayerSpec]:
+    """One LayerSpec per layer: the pattern repeated to the depth.
+
+    When num_layers is not a multiple of the pattern length, the remaining layers take
+    the pattern's first entries (Gemma 3 does this); config validation decides whether
+    that is allowed.
+    """
+    names = parse_pattern(pattern)
+    specs = {name: make_spec(name, layer_types[name]) for name in dict.fromkeys(names)}
+    return [specs[names[i % len(names)]] for i in range(num_layers)]
+
+
+def group_specs(layer_types: Mapping[str, Mapping[str, Any]], pattern: str,
+                num_layers: int) -> tuple[list[LayerSpec], int, list[LayerSpec]]:
+    """(specs of one pattern group, number of full groups, specs of the remainder)."""
+    names = parse_pattern(pattern)
+    layers = expand(layer_types, pattern, num_layers)
+    num_groups = num_layers // len(names)
+    return layers[: len(names)], num_groups, layers[num_groups * len(names):]

@@ -1,0 +1,1 @@
+"""Step functions, optimizer and schedules, the training loop."""
