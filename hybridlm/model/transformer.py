@@ -109,7 +109,8 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                          tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        table = constrain(self.embed[...], ("vocab", "embed"))  # gathered whole per shard
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         if self.groups is not None:
             x = self._run_groups(x, positions, segment_ids)

@@ -97,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                          z_loss=z_loss)
         w_sum = jnp.maximum(w_sum, 1.0)
         grads = jax.tree.map(lambda g: g / w_sum, grads)
-        loss, grad_norm = ce_sum / w_sum, optax.global_norm(grads)
+        loss, grad_norm = ce_sum / w_sum, optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)

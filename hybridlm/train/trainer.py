@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import optax
 
 from hybridlm import config as config_lib
 from hybridlm.model import flops_per_token
@@ -42,7 +43,7 @@ BATCH_KEYS = {"inputs": np.int32, "targets": np.int32, "positions": np.int32,
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss was NaN or Inf for train.max_nan_streak steps in a row; the run stopped."""
+    """Loss or gradient NaN/Inf for train.max_nan_streak steps in a row: the run stopped."""
 
 
 class Checkpoints(Protocol):
@@ -105,6 +106,23 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, me
     return float(ce / max(weight, 1.0))
 
 
+def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
+                       tx: optax.GradientTransformation) -> Callable:
+    """The train step compiled ahead of time for the global batch, state donated, input and
+    output shardings pinned (so that its outputs are valid inputs of the next call)."""
+    t = cfg.train
+    sharding = batch_sharding(mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, cfg.data.seq_len), jnp.dtype(d),
+                                              sharding=sharding)
+                      for k, d in BATCH_KEYS.items()}
+    step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
+                              z_loss=t.z_loss)
+    with activation_sharding(mesh):
+        return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
+                       out_shardings=(layout.shardings, replicated(mesh)),
+                       donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
+
+
 def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
           devices: Sequence[jax.Device] | None = None, train_iter: Iterator | None = None,
           checkpoints: Checkpoints | None = None) -> list[dict[str, Any]]:
@@ -123,9 +141,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     # ---- mesh ----------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices)
     eval_rows = cfg.eval.batch_size or t.batch_size
-    check_batch(mesh, t.batch_size // t.grad_accum_steps, seq_len,
-                "train.batch_size / train.grad_accum_steps", process_count)
     check_batch(mesh, t.batch_size, seq_len, "train.batch_size", process_count)
+    if t.grad_accum_steps > 1:
+        check_batch(mesh, t.batch_size // t.grad_accum_steps, seq_len,
+                    "train.batch_size / train.grad_accum_steps", process_count)
     if cfg.eval.steps:
         check_batch(mesh, eval_rows, seq_len, "eval.batch_size (0: train.batch_size)",
                     process_count)
@@ -146,28 +165,23 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     tx = make_optimizer(t, mask=decay_mask(params_meta))
     layout = make_layout(graphdef, params_meta, tx, mesh)
     restored = checkpoints.restore(layout)
-    if restored is None:
-        state = init_state(model_cfg, tx, layout, t.seed)
-    else:
+    if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
-    start = int(jax.device_get(state["step"]))
+    start = 0 if restored is None else int(jax.device_get(state["step"]))
+    rows, first = t.batch_size, None
+    if start < t.steps:  # check the pipeline's output before paying for any compile
+        first = next(train_iter)
+        check_local_batch(first, rows // process_count, seq_len)
+    if restored is None:
+        state = init_state(model_cfg, tx, layout, t.seed)
 
     # ---- compile -------------------------------------------------------------------
-    rows = t.batch_size
-    in_batch = batch_sharding(mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.dtype(d), sharding=in_batch)
-                      for k, d in BATCH_KEYS.items()}
     compile_start = time.perf_counter()
-    with activation_sharding(mesh):
-        step_fn = make_train_step(layout.graphdef, tx, schedule(t),
-                                  grad_accum=t.grad_accum_steps, z_loss=t.z_loss)
-        train_step = jax.jit(step_fn, in_shardings=(layout.shardings, in_batch),
-                             out_shardings=(layout.shardings, replicated(mesh)),
-                             donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
-        eval_step = jax.jit(make_eval_step(layout.graphdef),
-                            in_shardings=(layout.params_sharding, in_batch),
-                            out_shardings=replicated(mesh))
+    train_step = compile_train_step(cfg, mesh, layout, tx)
+    eval_step = jax.jit(make_eval_step(layout.graphdef),
+                        in_shardings=(layout.params_sharding, batch_sharding(mesh)),
+                        out_shardings=replicated(mesh))
     flops = flops_per_token(model_cfg, seq_len)
     peak = cfg.log.peak_flops or peak_flops(jax.devices()[0])
     if is_main:
@@ -186,9 +200,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     window_start, window_steps = time.perf_counter(), 0
     try:
         for step in range(start, t.steps):
-            local = next(train_iter)
-            if step == start:
-                check_local_batch(local, rows // process_count, seq_len)
+            local = first if step == start else next(train_iter)
             state, metrics = train_step(state, put_batch(local, mesh, rows))
             writer.advance()
             window_steps += 1
@@ -213,9 +225,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
                                                  for k, v in row.items()}})
                 if metrics["nan_streak"] >= t.max_nan_streak:
                     raise NonFiniteLoss(
-                        f"the loss was NaN or Inf for the last {int(metrics['nan_streak'])} "
-                        f"steps (train.max_nan_streak={t.max_nan_streak}); those updates were "
-                        "skipped, so the parameters are the last good ones. Lower "
+                        f"the loss or gradient was NaN or Inf in the last "
+                        f"{int(metrics['nan_streak'])} steps (train.max_nan_streak="
+                        f"{t.max_nan_streak}); those updates were skipped, so the "
+                        "parameters are the last good ones. Lower "
                         "train.learning_rate or check the data.")
                 window_start, window_steps = time.perf_counter(), 0
             if checkpoints.should_save(done) and int(state["nan_streak"]) == 0:
