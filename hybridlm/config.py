@@ -98,8 +98,7 @@ def defaults() -> mlc.ConfigDict:
 
     c.eval = ev = mlc.ConfigDict()
     ev.every = 100  # evaluate on the validation split every this many steps (0: at the end)
-    ev.steps = 10  # validation batches per evaluation (0: no evaluation)
-    ev.batch_size = 0  # sequences per validation batch (0: train.batch_size)
+    ev.steps = 10  # validation batches (of train.batch_size) per evaluation (0: none)
 
     c.log = lg = mlc.ConfigDict()
     lg.every = 10  # log metrics every this many steps
@@ -316,7 +315,7 @@ def validate(cfg: mlc.ConfigDict) -> None:
     _require(cfg.log.peak_flops >= 0, "log.peak_flops must be >= 0 (0: look the device up)")
     _validate_train(cfg.train)
     _validate_mesh(cfg.mesh)
-    for field in ("every", "steps", "batch_size"):
+    for field in ("every", "steps"):
         value = cfg.eval[field]
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                  f"eval.{field} must be an integer >= 0, got {value!r}")

@@ -23,7 +23,6 @@ BAD = [
     (["mesh.fsdp=-1"], "only one mesh field may be -1"),
     (["eval.every=-1"], "eval.every must be an integer >= 0"),
     (["eval.steps=-1"], "eval.steps must be an integer >= 0"),
-    (["eval.batch_size=-2"], "eval.batch_size must be an integer >= 0"),
     (["log.peak_flops=-1.0"], "log.peak_flops must be >= 0"),
 ]
 

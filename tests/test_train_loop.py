@@ -116,7 +116,6 @@ def test_resume_from_the_checkpoint_protocol_equals_the_uninterrupted_run(tmp_pa
     (["mesh.data=-1", "mesh.tensor=3"], "does not divide 8"),
     (["train.batch_size=4"], r"train.batch_size \(4\) is not a multiple of mesh.data x mesh.fsdp"),
     (["train.grad_accum_steps=2"], r"train.batch_size / train.grad_accum_steps \(4\)"),
-    (["eval.steps=1", "eval.batch_size=4"], r"eval.batch_size"),
 ])
 def test_mesh_and_batch_mistakes_stop_before_anything_compiles(overrides, message, tmp_path,
                                                                devices):

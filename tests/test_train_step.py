@@ -16,12 +16,19 @@ from hybridlm.train.step import gradients, loss_sums
 from tests.train_helpers import build, random_batch, tiny_config
 
 
-def test_k_microbatches_of_b_equal_one_batch_of_k_times_b():
-    """Gradients, loss and token counts; the sharded loop repeats this on a mesh."""
+@pytest.fixture(scope="module")
+def tiny():
+    """(config with 16-row batches, graph definition, parameters)."""
     cfg = tiny_config("train.batch_size=16")
     graphdef, _ = abstract_model(cfg.model.to_dict())
-    model = Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(params=0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(
+        Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(params=0)), nnx.Param)))
+    return cfg, graphdef, init.lower().compile({"xla_backend_optimization_level": 0})()
+
+
+def test_k_microbatches_of_b_equal_one_batch_of_k_times_b(tiny):
+    """Gradients, loss and token counts; the sharded loop repeats this on a mesh."""
+    cfg, graphdef, params = tiny
     batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=1).items()}
     batch["weights"] = batch["weights"].at[3:5, 7:].set(0.0)  # padding counts in neither
     results = {}
@@ -61,14 +68,11 @@ def test_a_non_finite_step_is_skipped_and_counted(devices):
     assert not np.array_equal(after["params"]["embed"], before["params"]["embed"])
 
 
-def test_z_loss_adds_mean_squared_log_normaliser(devices):
-    cfg = tiny_config()
-    graphdef, _ = abstract_model(cfg.model.to_dict())
-    model = Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(params=0))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def test_z_loss_adds_mean_squared_log_normaliser(tiny):
+    cfg, graphdef, params = tiny
     batch = {k: jnp.asarray(v) for k, v in random_batch(cfg, seed=3).items()}
-    logits = np.asarray(jax.jit(lambda b: model(b["inputs"], b["positions"],
-                                                 b["segment_ids"]))(batch), np.float64)
+    logits = np.asarray(jax.jit(lambda p, b: nnx.merge(graphdef, p)(
+        b["inputs"], b["positions"], b["segment_ids"]))(params, batch), np.float64)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     target = np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
     objective, (ce_sum, w_sum) = jax.jit(functools.partial(loss_sums, graphdef=graphdef,

@@ -69,6 +69,5 @@ def make_train_iterator(cfg: mlc.ConfigDict, process_index: int,
 def make_eval_iterator(cfg: mlc.ConfigDict, process_index: int,
                        process_count: int) -> WindowIterator:
     _, val = _splits(cfg.data.source, cfg.data.tokenizer)
-    batch_size = cfg.eval.batch_size or cfg.train.batch_size
-    return WindowIterator(val, batch_size, cfg.data.seq_len, cfg.train.seed + 1,
+    return WindowIterator(val, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed + 1,
                           process_index, process_count)

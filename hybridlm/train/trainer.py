@@ -95,11 +95,12 @@ def check_local_batch(local: dict[str, np.ndarray], rows: int, seq_len: int) -> 
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, mesh,
-             global_rows: int) -> float | None:
+             process_count: int) -> float | None:
     """Mean validation cross-entropy over up to `steps` batches (None if there are none)."""
     totals = []
     for _, local in zip(range(steps), batches, strict=False):
-        totals.append(eval_step(params, put_batch(local, mesh, global_rows)))
+        rows = len(local["inputs"]) * process_count
+        totals.append(eval_step(params, put_batch(local, mesh, rows)))
     if not totals:
         return None
     ce, weight = np.sum(np.asarray(jax.device_get(totals), np.float64), axis=0)
@@ -140,14 +141,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
 
     # ---- mesh ----------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices)
-    eval_rows = cfg.eval.batch_size or t.batch_size
     check_batch(mesh, t.batch_size, seq_len, "train.batch_size", process_count)
     if t.grad_accum_steps > 1:
         check_batch(mesh, t.batch_size // t.grad_accum_steps, seq_len,
                     "train.batch_size / train.grad_accum_steps", process_count)
-    if cfg.eval.steps:
-        check_batch(mesh, eval_rows, seq_len, "eval.batch_size (0: train.batch_size)",
-                    process_count)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.save(cfg, workdir / "config.json")
@@ -192,7 +189,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     def run_eval(params) -> float | None:
         batches = pipeline.make_eval_iterator(cfg, process_index, process_count)
         with activation_sharding(mesh):
-            return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, eval_rows)
+            return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
 
     # ---- loop ----------------------------------------------------------------------
     writer = MetricsWriter(workdir, t.steps, start, enabled=is_main)
