@@ -98,11 +98,15 @@ def test_divergence_is_skipped_then_stops_with_the_last_good_state(tmp_path, dev
 
 
 def test_resume_from_the_checkpoint_protocol_equals_the_uninterrupted_run(tmp_path, devices):
+    """With the options a long run would use: Adafactor, WSD, z-loss, bfloat16 compute."""
     cfg = tiny_config("train.steps=6", "train.optimizer=adafactor", "train.schedule=wsd",
-                      "train.z_loss=1e-4")
+                      "train.z_loss=1e-4", "model.dtype=bfloat16")
     checkpoints = MemoryCheckpoints(every=3)
     full = train(cfg, tmp_path / "full", devices=devices[:1], checkpoints=checkpoints)
     assert sorted(checkpoints.saved) == [3, 6]
+    saved = checkpoints.saved[3][0]  # parameters and optimizer state stay float32
+    assert {x.dtype for x in jax.tree.leaves((saved["params"], saved["opt_state"]))
+            if x.ndim} == {np.dtype(np.float32)}
     del checkpoints.saved[6]  # as if the job had been killed after saving step 3
     resumed = train(cfg, tmp_path / "resumed", devices=devices[:1], checkpoints=checkpoints)
     assert [r["step"] for r in resumed] == [4, 5, 6]
