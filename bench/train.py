@@ -14,6 +14,9 @@ Per case the compiled train step (the trainer's, on one device) runs `steps` ste
   device  with one batch already on the device: the compiled computation alone
   loop    as the trainer runs it: next batch from the data pipeline, placement, dispatch
 Each is repeated `repeats` times and the minimum taken (the machine may be shared).
+Before each repeat a 2048^3 float32 matmul is timed: model FLOP/s as a fraction of it
+says how well the step uses the machine whatever else runs (the peers reached ~0.22:
+~90 GFLOP/s against ~400 on a quiet machine).
 Host overhead per step: the time the loop's Python side spends per step (fetching and
 placing the batch, dispatching the step; the computation itself runs asynchronously),
 measured directly, and loop - device, which says the same within the timing noise.
@@ -92,8 +95,9 @@ def run_case(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
     state, metrics = step(state, fixed)  # warm up
     jax.block_until_ready(metrics)
 
-    device, loop, host = [], [], []
+    device, loop, host, matmul = [], [], [], []
     for _ in range(repeats):
+        matmul.append(matmul_gflops())
         start = time.perf_counter()
         for _ in range(steps):
             state, metrics = step(state, fixed)
@@ -117,6 +121,8 @@ def run_case(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
         "overrides": overrides, "compile_s": compile_s, "step_s": step_s,
         "device_step_s": device_s, "tokens_per_s": tokens_per_s,
         "model_gflop_per_s": tokens_per_s * flops / 1e9, "flops_per_token": flops,
+        "matmul_gflop_per_s": max(matmul),
+        "fraction_of_matmul": tokens_per_s * flops / 1e9 / max(matmul),
         "host_s": min(host), "host_pct": 100 * min(host) / step_s,
         "loop_minus_device_pct": 100 * (step_s - device_s) / step_s,
         "loss": float(metrics["loss"]),
@@ -151,6 +157,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="extra config override section.field=value (repeatable)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--note", default="", help="free text stored with the results")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -165,19 +172,22 @@ def main() -> None:
         "backend": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_2048_gflop_per_s": [matmul_before, matmul_gflops()],
-        "steps": args.steps, "repeats": args.repeats, "results": results,
+        "steps": args.steps, "repeats": args.repeats, "note": args.note, "results": results,
     }
-    print(f"\n{run['machine']}, jax {run['jax']}, commit {run['commit']}, {run['date']}")
+    print(f"\n{run['machine']}, jax {run['jax']}, commit {run['commit']}, {run['date']}"
+          + (f" ({args.note})" if args.note else ""))
     print(f"load average {load_before[0]:.1f} -> {run['load_average_after'][0]:.1f}; "
           "2048^3 matmul {:.0f} / {:.0f} GFLOP/s (before / after)".format(
               *run["matmul_2048_gflop_per_s"]))
     header = (f"{'case':14s} {'seq':>5s} {'B':>2s} {'step s':>7s} {'tokens/s':>9s} "
-              f"{'GFLOP/s':>8s} {'host ms':>8s} {'host %':>7s} {'loop-dev':>8s} {'vs peer':>8s}")
+              f"{'GFLOP/s':>8s} {'/matmul':>7s} {'host ms':>8s} {'host %':>7s} {'loop-dev':>8s} "
+              f"{'vs peer':>8s}")
     print(header + "\n" + "-" * len(header))
     for r in results:
         vs = f"{r['speedup_vs_peer']:.2f}x" if r["speedup_vs_peer"] else "-"
         print(f"{r['case']:14s} {r['seq_len']:5d} {r['batch']:2d} {r['step_s']:7.3f} "
               f"{r['tokens_per_s']:9.0f} {r['model_gflop_per_s']:8.1f} "
+              f"{r['fraction_of_matmul']:7.2f} "
               f"{1000 * r['host_s']:8.1f} {r['host_pct']:6.2f}% "
               f"{r['loop_minus_device_pct']:7.1f}% {vs:>8s}")
     out = Path(args.out)
