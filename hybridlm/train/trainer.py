@@ -94,13 +94,18 @@ def check_local_batch(local: dict[str, np.ndarray], rows: int, seq_len: int) -> 
                              "share of the global batch)")
 
 
+def contract(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The contract's arrays only (a pipeline may carry extra keys)."""
+    return {key: local[key] for key in BATCH_KEYS}
+
+
 def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, mesh,
              process_count: int) -> float | None:
     """Mean validation cross-entropy over up to `steps` batches (None if there are none)."""
     totals = []
     for _, local in zip(range(steps), batches, strict=False):
         rows = len(local["inputs"]) * process_count
-        totals.append(eval_step(params, put_batch(local, mesh, rows)))
+        totals.append(eval_step(params, put_batch(contract(local), mesh, rows)))
     if not totals:
         return None
     ce, weight = np.sum(np.asarray(jax.device_get(totals), np.float64), axis=0)
@@ -198,7 +203,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     try:
         for step in range(start, t.steps):
             local = first if step == start else next(train_iter)
-            state, metrics = train_step(state, put_batch(local, mesh, rows))
+            state, metrics = train_step(state, put_batch(contract(local), mesh, rows))
             writer.advance()
             window_steps += 1
             done = step + 1
