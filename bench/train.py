@@ -3,6 +3,7 @@
     python bench/train.py                          # every case; JSON to bench/results/
     python bench/train.py --cases reference --repeats 5 --steps 3
     python bench/train.py --override model.remat=full --override model.attention_impl=dense
+    python bench/train.py --peer      # also time a plain Flax NNX model on this machine now
 
 Cases (the model is configs/paper.py at size=tiny with an 8192-token vocabulary:
 d_model 256, 4 layers, 4 heads of 64, MLP 1024, float32):
@@ -17,6 +18,9 @@ Each is repeated `repeats` times and the minimum taken (the machine may be share
 Before each repeat a 2048^3 float32 matmul is timed: model FLOP/s as a fraction of it
 says how well the step uses the machine whatever else runs (the peers reached ~0.22:
 ~90 GFLOP/s against ~400 on a quiet machine).
+`--peer` times bench/peer_nnx.py, a plain Flax NNX model of the peers' kind, at the same
+shape right after each case (full causal attention at 8192 too, as MaxText ran it), so the
+comparison does not depend on how fast the machine happens to be today.
 Host overhead per step: the time the loop's Python side spends per step (fetching and
 placing the batch, dispatching the step; the computation itself runs asynchronously),
 measured directly, and loop - device, which says the same within the timing noise.
@@ -38,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.model import flops_per_token  # noqa: E402
@@ -131,6 +135,24 @@ def run_case(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
     }
 
 
+def run_peer(name: str, repeats: int) -> dict:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from peer_nnx import make_step
+
+    _, seq_len, batch = CASES[name]
+    step, state, (inputs, targets) = make_step(seq_len, batch)
+    state, loss = step(state, inputs, targets)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, loss = step(state, inputs, targets)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    return {"step_s": min(times), "tokens_per_s": batch * seq_len / min(times),
+            "all_step_s": times}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
@@ -158,6 +180,8 @@ def main() -> None:
                         help="extra config override section.field=value (repeatable)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--note", default="", help="free text stored with the results")
+    parser.add_argument("--peer", action="store_true",
+                        help="also time the plain Flax NNX model (bench/peer_nnx.py)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -165,7 +189,13 @@ def main() -> None:
     results = []
     for name in args.cases:
         print(f"running {name} ...", flush=True)
-        results.append(run_case(name, args.override, args.steps, args.repeats))
+        result = run_case(name, args.override, args.steps, args.repeats)
+        if args.peer and name in PEER_TOKENS_PER_S:
+            print(f"running the plain Flax NNX model at the {name} shape ...", flush=True)
+            result["plain_nnx"] = run_peer(name, args.repeats)
+            result["speedup_vs_plain_nnx"] = (result["tokens_per_s"]
+                                              / result["plain_nnx"]["tokens_per_s"])
+        results.append(result)
     run = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "jax": jax.__version__,
@@ -194,6 +224,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train-{run['date'].replace(':', '')}.json"
     path.write_text(json.dumps(run, indent=2) + "\n")
+    for r in results:
+        if "plain_nnx" in r:
+            print(f"{r['case']}: plain Flax NNX model {r['plain_nnx']['step_s']:.3f} s/step, "
+                  f"{r['plain_nnx']['tokens_per_s']:.0f} tokens/s on this machine now; "
+                  f"hybridlm is {r['speedup_vs_plain_nnx']:.2f}x faster")
     print(f"wrote {path}")
 
 
