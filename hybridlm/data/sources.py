@@ -129,16 +129,28 @@ class Counts(collections.Counter):
 def read_documents(spec: SourceSpec, files: list[Path], counts: Counts, text_field: str = "text",
                    on_bad_record: str = "error") -> Iterator[tuple[str, str]]:
     """Yield (name, text) for every non-empty document; the name decides the split."""
-    root = corpus.stdlib_dir() if spec.kind == "stdlib" else None
+    base = _base(spec)
     for path in files:
+        name = f"{spec.kind}/{path.name}" if spec.kind == "shakespeare" else \
+            path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
         if spec.kind == "jsonl":
-            yield from _jsonl(path, counts, text_field, on_bad_record)
+            yield from _jsonl(path, name, counts, text_field, on_bad_record)
         elif spec.kind == "parquet":
-            yield from _parquet(path, counts, text_field)
+            yield from _parquet(path, name, counts, text_field)
         else:
-            name = (f"stdlib/{path.relative_to(root).as_posix()}" if root else
-                    f"{spec.kind}/{path.name}" if spec.kind == "shakespeare" else str(path))
             yield from _keep(name, _decode(path.read_bytes(), counts), counts)
+
+
+def _base(spec: SourceSpec) -> Path:
+    """Document names are relative to this folder, so that moving a corpus keeps its split."""
+    if spec.kind == "stdlib":
+        return corpus.stdlib_dir().parent  # names like python3.11/json/decoder.py
+    path = Path(spec.location).expanduser()
+    if glob.has_magic(str(path)):
+        parts = path.parts
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        return Path(*parts[:fixed]) if fixed else Path(".")
+    return path if path.is_dir() else path.parent
 
 
 def _decode(data: bytes, counts: Counts) -> str:
@@ -164,11 +176,12 @@ def _bad(where: str, message: str, kind: str, counts: Counts, on_bad_record: str
     counts[kind] += 1
 
 
-def _jsonl(path: Path, counts: Counts, field: str, on_bad: str) -> Iterator[tuple[str, str]]:
+def _jsonl(path: Path, name: str, counts: Counts, field: str,
+           on_bad: str) -> Iterator[tuple[str, str]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             line = _decode(raw, counts).strip()
-            where = f"{path}:{lineno}"
+            where = f"{path}:{lineno}"  # errors name the full path, documents name:line
             if not line:
                 counts["empty"] += 1
                 continue
@@ -186,10 +199,10 @@ def _jsonl(path: Path, counts: Counts, field: str, on_bad: str) -> Iterator[tupl
                 _bad(where, f"field {field!r} is a {type(record[field]).__name__}, not text",
                      "missing_field", counts, on_bad)
                 continue
-            yield from _keep(where, record[field], counts)
+            yield from _keep(f"{name}:{lineno}", record[field], counts)
 
 
-def _parquet(path: Path, counts: Counts, field: str) -> Iterator[tuple[str, str]]:
+def _parquet(path: Path, name: str, counts: Counts, field: str) -> Iterator[tuple[str, str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -209,7 +222,7 @@ def _parquet(path: Path, counts: Counts, field: str) -> Iterator[tuple[str, str]
             if text is None or not isinstance(text, str):
                 counts["empty"] += 1
             else:
-                yield from _keep(f"{path}#{row}", text, counts)
+                yield from _keep(f"{name}#{row}", text, counts)
             row += 1
 
 
