@@ -26,9 +26,9 @@ import numpy as np
 
 from hybridlm.config import ConfigError
 from hybridlm.data import packing
-from hybridlm.data.prepare import Prepared, resolve
-from hybridlm.data.sources import is_validation, parse_sources
-from hybridlm.data.tokenizers import ByteTokenizer, Tokenizer, static_vocab_size
+from hybridlm.data.prepare import Prepared, resolve, resolve_tokenizer
+from hybridlm.data.sources import is_validation
+from hybridlm.data.tokenizers import Tokenizer, static_vocab_size
 
 READ_THREADS = 2  # threads reading records per process (the data are small and local)
 PREFETCH = 64  # pieces read ahead per process
@@ -170,12 +170,9 @@ def make_eval_iterator(cfg: mlc.ConfigDict, process_index: int = 0, process_coun
 
 
 def load_tokenizer(cfg: mlc.ConfigDict, progress: bool = True) -> Tokenizer:
-    """The tokenizer the pipelines use (a BPE is trained, and raw sources prepared, on first
-    use; later calls find them in the cache)."""
-    specs = parse_sources(cfg.data.source, cfg.data.weights)
-    if cfg.data.tokenizer == "byte" and all(spec.kind != "prepared" for spec, _ in specs):
-        return ByteTokenizer()
-    return resolve(cfg.data, progress=progress)[0]
+    """The tokenizer the pipelines use (a BPE is trained on first use, then found in the
+    cache). Whether prepared sources match it is checked when the pipeline is built."""
+    return resolve_tokenizer(cfg.data, progress=progress)
 
 
 def check_vocab(cfg: mlc.ConfigDict) -> int:

@@ -200,10 +200,7 @@ def resolve(data: mlc.ConfigDict, progress: bool = True,
             ) -> tuple[tok_lib.Tokenizer, list[tuple[Prepared, float]]]:
     """The tokenizer and the prepared form of every source in data.source, preparing raw
     sources into the cache on first use (and training a BPE first if data.tokenizer asks)."""
-    root = cache_root(data)
-    specs = sources_lib.parse_sources(data.source, data.weights)
-    given = {s: load_prepared(s.location) for s, _ in specs if s.kind == "prepared"}
-    raw = {s: sources_lib.source_files(s, root) for s, _ in specs if s.kind != "prepared"}
+    root, specs, given, raw = _sources(data)
     tokenizer = _resolve_tokenizer(data, raw, list(given.values()), root, progress)
     fingerprint = tokenizer.describe()["fingerprint"]
     out = []
@@ -223,6 +220,20 @@ def resolve(data: mlc.ConfigDict, progress: bool = True,
     return tokenizer, out
 
 
+def resolve_tokenizer(data: mlc.ConfigDict, progress: bool = True) -> tok_lib.Tokenizer:
+    """Only the tokenizer of `resolve` (training a BPE if needed; no source is prepared)."""
+    root, _, given, raw = _sources(data)
+    return _resolve_tokenizer(data, raw, list(given.values()), root, progress)
+
+
+def _sources(data: mlc.ConfigDict):
+    root = cache_root(data)
+    specs = sources_lib.parse_sources(data.source, data.weights)
+    given = {s: load_prepared(s.location) for s, _ in specs if s.kind == "prepared"}
+    raw = {s: sources_lib.source_files(s, root) for s, _ in specs if s.kind != "prepared"}
+    return root, specs, given, raw
+
+
 def ensure_source(spec: sources_lib.SourceSpec, files: list[Path], tokenizer,
                   data: mlc.ConfigDict, root: Path, progress: bool = True) -> Prepared:
     """The cached preparation of a raw source, made now if it does not exist yet."""
@@ -230,7 +241,9 @@ def ensure_source(spec: sources_lib.SourceSpec, files: list[Path], tokenizer,
     record = tokenizer.describe()
     key = _key(PREPARE_VERSION, source_fp, record["fingerprint"], data.text_field,
                data.on_bad_record)
-    slug = "".join(c if c.isalnum() else "_" for c in spec.label)[-40:].strip("_")
+    name = Path(spec.location.rstrip("/")).name if spec.location else ""
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{spec.kind}-{name}")
+    slug = slug.rstrip("-")[:48]
     out = root / "prepared" / f"{slug}-{record['type']}{record['vocab_size']}-{key}"
     if (out / "manifest.json").is_file():
         return load_prepared(out)
