@@ -193,3 +193,18 @@ def test_eval_gives_a_fixed_number_of_batches_padded_past_the_end(cache, corpus_
         make_eval_iterator(cfg, 0, 2, progress=False)
     with pytest.raises(ConfigError, match="no validation documents.*raise data.val_fraction"):
         make_eval_iterator(config(cache, corpus_dir, "data.val_fraction=0.0"), progress=False)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume_exactly(cache, corpus_dir):
+    cfg = config(cache, corpus_dir)
+    reference = take(make_train_iterator(cfg, progress=False), 12)
+    cfg.data.workers = 1
+    it = make_train_iterator(cfg, progress=False)
+    assert_same(take(it, 7), reference[:7])
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    resumed = make_train_iterator(cfg, progress=False)
+    resumed.set_state(state)
+    assert_same(take(resumed, 5), reference[7:])
+    resumed.close()

@@ -94,8 +94,18 @@ def train_dataset(cfg: mlc.ConfigDict, process_index: int = 0, process_count: in
                       seed=_seed(seed, process_index, 1), shuffle_bins=True)
     ds = ds.batch(batch, drop_remainder=False).map(packing.finalize(batch))
     if data.workers:
+        _mark_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     return ds
+
+
+def _mark_flags_parsed() -> None:
+    """Grain's worker processes read absl flags, which must count as parsed; a program that
+    does not run absl.app (pytest, a notebook, our CLI) has not parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_train_iterator(cfg: mlc.ConfigDict, process_index: int = 0, process_count: int = 1,
