@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hybridlm.config import ConfigError
-from hybridlm.data.pipeline import make_eval_iterator, make_train_iterator
+from hybridlm.data.pipeline import data_record, make_eval_iterator, make_train_iterator
 from tests.test_data_sources import CORPUS_FILES, data_config, make_corpus, oracle_tokens
 
 EOS = 256
@@ -88,6 +88,9 @@ def test_one_epoch_loses_and_duplicates_nothing_and_holds_out_documents(cache, c
     val_docs = {n for n, ps in doc_pieces.items() if set(ps) <= set(val)}
     assert train_docs and val_docs and train_docs | val_docs == set(CORPUS_FILES)
     assert not train_docs & val_docs
+    record = data_record(cfg)["sources"][0]
+    assert record["validation_documents"] == len(val_docs)
+    assert record["train_tokens"] == sum(len(oracle_tokens(corpus_dir / n)) for n in train_docs)
     longest = max(doc_pieces.values(), key=len)
     assert len(longest) > 100, "a long document arrives whole, as ~170 pieces"
 

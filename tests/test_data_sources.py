@@ -140,7 +140,7 @@ def test_jsonl_missing_field_names_it_and_the_fields_present(tmp_path):
 
 
 def test_parquet_column_is_read_with_nulls_counted(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # the test extra installs it; hybridlm imports it only for Parquet
     import pyarrow.parquet as pq
 
     texts = ["first document", None, "second", ""]

@@ -196,3 +196,21 @@ def check_vocab(cfg: mlc.ConfigDict) -> int:
                           f"raise model.vocab_size to at least {vocab} (or use a smaller "
                           "tokenizer)")
     return vocab
+
+
+def data_record(cfg: mlc.ConfigDict) -> dict:
+    """What a run reads, to store with it (e.g. <workdir>/data.json): the tokenizer record
+    and, per source, its prepared directory, fingerprint and split sizes in tokens."""
+    tokenizer, sources = resolve(cfg.data, progress=False)
+    out = []
+    for prepared, weight in sources:
+        held_out = is_validation(prepared.name_hashes, cfg.data.val_fraction)
+        m = prepared.manifest
+        out.append({"source": m["source"], "directory": str(prepared.directory),
+                    "fingerprint": m["fingerprint"], "weight": weight,
+                    "documents": m["documents"], "tokens": m["tokens"],
+                    "train_documents": int((~held_out).sum()),
+                    "train_tokens": int(prepared.lengths[~held_out].sum()),
+                    "validation_documents": int(held_out.sum()),
+                    "validation_tokens": int(prepared.lengths[held_out].sum())})
+    return {"tokenizer": tokenizer.describe(), "sources": out}
