@@ -180,6 +180,11 @@ def test_sources_mix_in_proportion_to_their_weights(tmp_path, cache, corpus_dir,
     known = set(p for ps in doc_pieces.values() for p in ps)
     assert all(p in known or set(p) <= {ord("x"), EOS} for p in pieces)
     assert 0.15 < from_other / len(pieces) < 0.35
+    it = make_train_iterator(cfg, progress=False)
+    take(it, 25)
+    resumed = make_train_iterator(cfg, progress=False)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    assert_same(take(resumed, 15), rows[25:])
 
 
 def test_eval_gives_a_fixed_number_of_batches_padded_past_the_end(cache, corpus_dir):

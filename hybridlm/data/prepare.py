@@ -80,9 +80,9 @@ def load_prepared(directory: str | Path) -> Prepared:
         raise ConfigError(f"{directory} was prepared by format version "
                           f"{manifest.get('version')}, this hybridlm reads {PREPARE_VERSION}; "
                           "prepare it again")
-    index = np.load(directory / "index.npz")
-    return Prepared(directory, manifest, index["lengths"], index["first_record"],
-                    index["name_hashes"])
+    with np.load(directory / "index.npz") as index:
+        return Prepared(directory, manifest, index["lengths"], index["first_record"],
+                        index["name_hashes"])
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

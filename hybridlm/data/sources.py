@@ -114,8 +114,9 @@ def source_files(spec: SourceSpec, cache_root: Path) -> list[Path]:
 
 
 def fingerprint(spec: SourceSpec, files: list[Path]) -> str:
-    """Changes when a file is added, removed or modified (or Python's stdlib changes)."""
-    h = hashlib.sha256(f"{spec.kind}\n{spec.location}\n{sys.version}\n".encode())
+    """Changes when a file is added, removed or modified (or, for stdlib, Python changes)."""
+    version = sys.version if spec.kind == "stdlib" else ""
+    h = hashlib.sha256(f"{spec.kind}\n{spec.location}\n{version}\n".encode())
     for path in files:
         st = path.stat()
         h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
