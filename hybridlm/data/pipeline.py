@@ -9,8 +9,9 @@ Training: every training-split piece (packing.py) of every source, shuffled with
 train.seed and reshuffled each epoch (Grain's index shuffle: epoch e uses seed + e), cut into
 a disjoint slice per process (this process takes positions process_index::process_count of
 the shuffled order), read from the prepared shards, packed, batched. Several sources are
-mixed with data.weights, each source repeating on its own. Nothing here holds the data in
-memory; a resume restores the index and the packer's buffer, not a replay.
+mixed with data.weights, each source repeating on its own. Only the piece table (24 bytes a
+piece) is in memory; a resume restores the stream position and re-packs at most one packing
+window, never replays the run.
 
 Validation: documents whose name hash falls below data.val_fraction (sources.py), never
 trained on. An eval iterator is a fixed pass, in file order, over this process's slice of
