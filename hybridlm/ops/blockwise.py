@@ -34,7 +34,7 @@ DEFAULT_BLOCK_KV = 256
 # Score entries one step may form (all batch rows and heads): 2^20 floats = 4 MiB keeps a
 # step's temporaries in cache and the program's scratch under ~32 MB, below which the CPU
 # runtime reuses its memory instead of page-faulting it in again on every call.
-SCORES_PER_STEP = 2**20
+SCORES_PER_STEP = 2**23
 # A window or chunk of span S uses blocks of at most S / SPAN_BLOCKS (but >= MIN_BLOCK), so
 # that the partly hidden blocks at its two edges add at most ~1/8 of the visible work.
 SPAN_BLOCKS = 8
@@ -390,16 +390,3 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec
     out = _attend(st, _to_blocks(q_scaled, hkv, bq), _to_blocks(k, hkv, bk),
                   _to_blocks(v, hkv, bk), sinks, aux)
     return _from_blocks(out, h, t)
-
-
-def visible_pairs(spec: MaskSpec, q_len: int, kv_len: int) -> int:
-    """Exact number of visible (query, key) pairs for default positions, no segments."""
-    lo, hi = visible_offsets(spec.causal, spec.window, spec.chunk)
-    total = 0
-    for i in range(q_len):
-        first, last = max(0, i - hi), min(kv_len - 1, i - lo)
-        if spec.chunk is not None:
-            first = max(first, i // spec.chunk * spec.chunk)
-            last = min(last, (i // spec.chunk + 1) * spec.chunk - 1)
-        total += int(max(0, last - first + 1))
-    return total
