@@ -75,7 +75,6 @@ MASKS = {
     "window_beyond_T": dict(causal=True, window=T + 20),
     "chunk": dict(causal=True, chunk=10),
     "chunk_and_window": dict(causal=True, chunk=12, window=5),
-    "bidirectional": dict(causal=False),
     "bidirectional_window": dict(causal=False, window=6),
 }
 
@@ -85,37 +84,33 @@ def test_masks_match_dense(name):
     assert_matches_dense(ops.MaskSpec(**MASKS[name]))
 
 
-@pytest.mark.parametrize("name", ["causal", "window7", "chunk", "bidirectional_window"])
-def test_packed_documents_match_dense(name):
-    assert_matches_dense(ops.MaskSpec(**MASKS[name], **packed()))
+@pytest.mark.parametrize("name", ["causal", "chunk_and_window"])
+def test_packed_documents_match_dense(name):  # with sink logits too
+    assert_matches_dense(ops.MaskSpec(**MASKS[name], **packed()), sinks=True)
 
 
-@pytest.mark.parametrize("hkv", [4, 2, 1])  # GQA ratios 1, 2, 4
+@pytest.mark.parametrize("hkv", [4, 1])  # GQA ratios 1 and 4 (2 is every other test)
 def test_gqa_ratios(hkv):
     assert_matches_dense(ops.MaskSpec(causal=True, window=11), hkv=hkv, sinks=True)
 
 
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 8), (8, 16), (12, 20), (64, 64)])
+@pytest.mark.parametrize("blocks", [(16, 8), (12, 20), (64, 64)])
 def test_block_shapes(blocks):
     bq, bk = blocks
     assert_matches_dense(ops.MaskSpec(causal=True, window=13, **packed()), block_q=bq,
                          block_kv=bk)
 
 
-def test_sinks():
-    assert_matches_dense(ops.MaskSpec(causal=True, **packed()), sinks=True)
-
-
-@pytest.mark.parametrize("name", ["causal", "window7", "chunk"])
+@pytest.mark.parametrize("name", ["causal", "chunk"])
 def test_bfloat16(name):
     spec = ops.MaskSpec(**MASKS[name], **(packed() if name == "chunk" else {}))
     assert_matches_dense(spec, dtype=jnp.bfloat16, sinks=name == "causal")
 
 
-@pytest.mark.parametrize("case", [dict(causal=True), dict(causal=False, window=5)])
-def test_query_and_key_lengths_may_differ(case):
-    assert_matches_dense(ops.MaskSpec(**case), t=21, s=37)
-    assert_matches_dense(ops.MaskSpec(**case), t=37, s=21)
+@pytest.mark.parametrize("case,t,s", [(dict(causal=True), 21, 37),
+                                      (dict(causal=False, window=5), 37, 21)])
+def test_query_and_key_lengths_may_differ(case, t, s):
+    assert_matches_dense(ops.MaskSpec(**case), t=t, s=s)
 
 
 def test_rows_that_see_nothing_are_zero_with_finite_gradients():
@@ -123,10 +118,13 @@ def test_rows_that_see_nothing_are_zero_with_finite_gradients():
     seg_q = jnp.array([[1] * 20 + [2] * 10 + [0] * 10])  # segment 2 and 0 own no key
     seg_kv = jnp.array([[1] * 40])
     spec = ops.MaskSpec(causal=True, q_segment_ids=seg_q, kv_segment_ids=seg_kv)
-    out = blockwise_attention(q, k, v, spec, scale=0.3, block_q=16, block_kv=16)
+
+    def run(q, k, v):
+        return blockwise_attention(q, k, v, spec, scale=0.3, block_q=16, block_kv=16)
+
+    out = jax.jit(run)(q, k, v)
     np.testing.assert_array_equal(out[0, 20:], 0.0)
-    grads = jax.grad(lambda *a: blockwise_attention(*a, spec, scale=0.3, block_q=16,
-                                                    block_kv=16).sum(), (0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: run(*a).sum(), (0, 1, 2)))(q, k, v)
     assert all(bool(jnp.isfinite(g).all()) for g in grads)
 
 

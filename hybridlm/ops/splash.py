@@ -8,12 +8,14 @@ dense oracle on CPU (slowly: keep those cases small).
 Traps handled here (see shared STACK_NOTES): splash takes [H, T, D] without a batch
 axis (vmapped here), does not scale q (pre-scaled here), needs the backward block
 sizes set explicitly, and a window of W keys is `LocalMask((W - 1, 0))`, inclusive.
-Lengths are padded to a multiple of the block; padded keys sit in their own segment.
+Block sizes are rounded to multiples of 128 (TPU lanes; splash checks this even in
+interpret mode) and lengths padded to a multiple of them; padding sits in its own segment.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from hybridlm.ops.masks import MaskSpec
 
 PAD_SEGMENT = -1  # segment id of padding keys: no real query shares it
+LANES = 128  # splash tiles are multiples of the TPU lane width, in interpret mode too
 
 
 def unsupported(q: jax.Array, k: jax.Array, spec: MaskSpec, sinks) -> str | None:
@@ -73,11 +76,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *
                      block_kv: int = 512) -> jax.Array:
     """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; interpret mode off TPU."""
     b, t, h, d = q.shape
-    block = min(block_q, block_kv)
-    length = -(-t // block) * block
-    bq, bk = min(block_q, length), min(block_kv, length)
-    while length % bq or length % bk:  # both must divide the padded length
-        length += block
+    bq, bk = (max(LANES, block // LANES * LANES) for block in (block_q, block_kv))
+    tile = math.lcm(bq, bk)
+    length = -(-t // tile) * tile  # both block sizes must divide the padded length
     q_seg, kv_seg = spec.q_segment_ids, spec.kv_segment_ids
     if q_seg is None and length != t:  # padding needs a segment of its own
         q_seg = kv_seg = jnp.zeros((b, t), jnp.int32)
