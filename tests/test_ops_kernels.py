@@ -23,8 +23,8 @@ def visible_keys(impl, spec, query, t=T):
     """Keys whose values reach out[query]: where d out[query] / d v is nonzero."""
     rng = np.random.default_rng(1)
     q, k, v = (jnp.array(rng.standard_normal((1, t, 2, 8)), jnp.float32) for _ in range(3))
-    grad = jax.grad(lambda v: ops.attention(q, k, v, spec, impl, block_q=16,
-                                            block_kv=16)[0, query].sum())(v)
+    grad = jax.jit(jax.grad(lambda v: ops.attention(q, k, v, spec, impl, block_q=16,
+                                                    block_kv=16)[0, query].sum()))(v)
     return set(np.flatnonzero(np.abs(np.asarray(grad[0])).sum(axis=(1, 2)) > 0).tolist())
 
 
@@ -138,11 +138,11 @@ def test_cudnn_falls_back_to_blockwise_and_logs_once(caplog, monkeypatch):
     q, k, v = (jnp.array(rng.standard_normal((1, 40, 2, 8)), jnp.bfloat16) for _ in range(3))
     spec = ops.MaskSpec(causal=True, window=9)
     with caplog.at_level(logging.WARNING, logger="hybridlm.ops.attention"):
-        got = ops.attention(q, k, v, spec, "cudnn")
-        again = ops.attention(q, k, v, spec, "cudnn")
+        got = jax.jit(lambda q, k, v: ops.attention(q, k, v, spec, "cudnn"))(q, k, v)
+        again = jax.jit(lambda q, k, v: ops.attention(q, k, v, spec, "cudnn"))(q, k, v)
     records = [r for r in caplog.records if "cudnn cannot handle" in r.getMessage()]
     assert len(records) == 1 and "no NVIDIA GPU" in records[0].getMessage()
-    want = ops.attention(q, k, v, spec, "blockwise")
+    want = jax.jit(lambda q, k, v: ops.attention(q, k, v, spec, "blockwise"))(q, k, v)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(want, np.float32))
 
@@ -152,6 +152,6 @@ def test_splash_falls_back_for_positioned_chunks(caplog, monkeypatch):
     q = jnp.ones((1, 16, 2, 8))
     spec = ops.MaskSpec(chunk=4, q_positions=jnp.arange(16)[None])
     with caplog.at_level(logging.WARNING, logger="hybridlm.ops.attention"):
-        got = ops.attention(q, q, q, spec, "splash")
+        got = jax.jit(lambda q: ops.attention(q, q, q, spec, "splash"))(q)
     assert any("splash cannot handle" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(got, ops.attention(q, q, q, spec, "dense"), atol=1e-6)

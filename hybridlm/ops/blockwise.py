@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,7 +222,7 @@ def _forward(st: _Static, q, k, v, sinks, aux):
     """Online softmax over the steps. Returns (out f32, log-sum-exp per row)."""
     b, hkv, nq, rows, d = q.shape
     m = jnp.full((b, hkv, nq, rows), -jnp.inf, jnp.float32)
-    l = jnp.zeros((b, hkv, nq, rows), jnp.float32)
+    denom = jnp.zeros((b, hkv, nq, rows), jnp.float32)
     acc = jnp.zeros((b, hkv, nq, rows, d), jnp.float32)
     seen: set[int] = set()
     after = None
@@ -233,7 +234,7 @@ def _forward(st: _Static, q, k, v, sinks, aux):
         if seen.isdisjoint(step.q_blocks):  # first visit of these rows: nothing to rescale
             m_new = row_max
             p = jnp.exp(s - _finite(m_new)[..., None])
-            l_new = p.sum(axis=-1)
+            denom_new = p.sum(axis=-1)
             acc_new = jnp.einsum("bhnqk,bhnkd->bhnqd", p.astype(v.dtype), vb,
                                  preferred_element_type=jnp.float32)
         else:
@@ -241,23 +242,24 @@ def _forward(st: _Static, q, k, v, sinks, aux):
             m_new = jnp.maximum(m_old, row_max)
             p = jnp.exp(s - _finite(m_new)[..., None])
             alpha = jnp.exp(m_old - _finite(m_new))
-            l_new = alpha * _take(l, step.q_blocks, 2) + p.sum(axis=-1)
+            denom_new = alpha * _take(denom, step.q_blocks, 2) + p.sum(axis=-1)
             acc_new = alpha[..., None] * _take(acc, step.q_blocks, 2) + jnp.einsum(
                 "bhnqk,bhnkd->bhnqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
         seen.update(step.q_blocks)
         m = _put(m, step.q_blocks, m_new, 2, add=False)
-        l = _put(l, step.q_blocks, l_new, 2, add=False)
+        denom = _put(denom, step.q_blocks, denom_new, 2, add=False)
         acc = _put(acc, step.q_blocks, acc_new, 2, add=False)
         after = _zero_after(acc_new)
     if sinks is not None:  # a sink joins every denominator and carries no value
         sink = _sink_rows(sinks, hkv, st.groups, rows)
         m_sink = jnp.maximum(m, sink)
         alpha = jnp.exp(m - m_sink)
-        l = alpha * l + jnp.exp(sink - m_sink)
+        denom = alpha * denom + jnp.exp(sink - m_sink)
         acc = alpha[..., None] * acc
         m = m_sink
-    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
-    lse = jnp.where(l == 0.0, 0.0, _finite(m) + jnp.log(jnp.where(l == 0.0, 1.0, l)))
+    safe = jnp.where(denom == 0.0, 1.0, denom)  # rows that saw no key: output 0, lse 0
+    out = acc / safe[..., None]
+    lse = jnp.where(denom == 0.0, 0.0, _finite(m) + jnp.log(safe))
     return out, lse
 
 
