@@ -3,6 +3,7 @@ train-step saving at 16k. Prints a table and writes JSON.
 
     python bench/attention.py                       # T 2k..32k, W in {512, 4096}
     python bench/attention.py --lengths 2048,4096 --windows 512 --repeats 2
+    python bench/attention.py --lengths= --step-length 0   # only the model timings
 
 Per (T, W) cell, for each kernel: forward+backward FLOPs and temp bytes from XLA's cost
 analysis (loop-free programs, so every step is counted), forward FLOPs against the exact
@@ -116,11 +117,47 @@ def train_step_costs(args) -> list[dict]:
     return rows
 
 
+MODEL_CASES = [  # (name, config, overrides, batch, length)
+    ("tiny (rnope_swa, W=128)", "configs/tiny.py", [], 8, 512),
+    ("reference (rope, d 256, vocab 8192)", "configs/paper.py:variant=rope,seq_len=1024",
+     ["model.vocab_size=8192"], 4, 1024),
+]
+
+
+def model_times(args) -> list[dict]:
+    """Forward+backward wall time of the 4-layer model (loss gradient), per kernel."""
+    from flax import nnx
+
+    from hybridlm.model import Transformer
+    from hybridlm.train.step import loss_fn
+
+    rows = []
+    for name, spec, overrides, batch, length in MODEL_CASES:
+        for impl in ("dense", "blockwise"):
+            cfg = config_lib.load(spec, overrides + [f"model.attention_impl={impl}"])
+            graphdef, params = nnx.split(Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(0)),
+                                         nnx.Param)
+            tokens = jax.random.randint(jax.random.key(0), (batch, length), 0,
+                                        cfg.model.vocab_size)
+            data = {"inputs": tokens, "targets": tokens}
+            grad = jax.jit(jax.grad(lambda p, d, g=graphdef: loss_fn(p, g, d)))
+            jax.block_until_ready(grad(params, data))
+            best = float("inf")
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(grad(params, data))
+                best = min(best, time.perf_counter() - start)
+            rows.append({"model": name, "batch": batch, "T": length, "impl": impl,
+                         "fwd_bwd_s": best})
+            print(f"  model {name} {impl}: {best:.2f} s", flush=True)
+    return rows
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def table(rows: list[dict], steps: list[dict]) -> str:
+def table(rows: list[dict], steps: list[dict], models: list[dict]) -> str:
     out = ["| T | W | kernel | fwd+bwd GFLOP | fwd / exact | temp | fwd+bwd wall s |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -136,6 +173,11 @@ def table(rows: list[dict], steps: list[dict]) -> str:
         for s in steps:
             out.append(f"| {s['variant']} | {s['impl']} | {s['flops'] / 1e9:.1f} | "
                        f"{fmt_bytes(s['temp_bytes'])} |")
+    if models:
+        out += ["", "| model | B x T | kernel | fwd+bwd wall s |", "|---|---|---|---|"]
+        for m in models:
+            out.append(f"| {m['model']} | {m['batch']} x {m['T']} | {m['impl']} | "
+                       f"{m['fwd_bwd_s']:.2f} |")
     return "\n".join(out)
 
 
@@ -172,17 +214,20 @@ def main() -> None:
                    help="skip the wall time of cells whose XLA scratch exceeds this")
     p.add_argument("--step-length", type=int, default=16384,
                    help="train-step comparison length (0: skip)")
+    p.add_argument("--models", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the 4-layer model's forward+backward per kernel")
     p.add_argument("--out", default="bench/results/attention.json")
     args = p.parse_args()
     np.set_printoptions(precision=3)
     print(f"attention bench on {machine()}", flush=True)
     rows = attention_cells(args)
     steps = train_step_costs(args) if args.step_length else []
-    print(table(rows, steps))
+    models = model_times(args) if args.models else []
+    print(table(rows, steps, models))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "settings": vars(args), "cells": rows,
-                               "train_step": steps}, indent=2) + "\n")
+                               "train_step": steps, "models": models}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

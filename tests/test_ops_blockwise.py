@@ -144,3 +144,18 @@ def test_windows_cap_block_sizes():
     assert block_sizes(ops.MaskSpec(), 100, 50, 256, 256) == (100, 50)
     with pytest.raises(ValueError, match="block sizes"):
         block_sizes(ops.MaskSpec(), 100, 100, 0, 16)
+
+
+def test_model_threads_block_sizes_and_matches_dense():
+    """A tiny RNoPE-SWA model (window 5) on packed documents: blockwise with 8-token tiles
+    (several tiles per sequence, set through the config) gives dense's logits."""
+    from tests.helpers import build, random_tokens, tiny_model_config
+
+    tokens = random_tokens(0, (2, 37))
+    extra = packed()
+    logits = {}
+    for impl in ("dense", "blockwise"):
+        cfg = tiny_model_config("rnope_swa", attention_impl=impl, attention_block_q=8,
+                                attention_block_kv=8)
+        logits[impl] = build(cfg)(tokens, extra["q_positions"], extra["q_segment_ids"])
+    np.testing.assert_allclose(logits["blockwise"], logits["dense"], atol=2e-5)

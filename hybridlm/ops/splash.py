@@ -67,8 +67,9 @@ def _kernel(spec_key, length: int, heads: int, block_q: int, block_kv: int,
                           block_q_dkv=block_q, block_kv_dkv=block_kv,
                           block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                           block_kv_dq=block_kv)
-    return sk.make_splash_mha(_mask(spec, length, heads), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+        return sk.make_splash_mha(_mask(spec, length, heads), block_sizes=sizes,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
