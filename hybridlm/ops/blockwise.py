@@ -32,9 +32,9 @@ from hybridlm.ops.masks import MaskSpec, positions_or_default, visible_offsets
 
 DEFAULT_BLOCK_Q = 256  # measured on a 2-core CPU: see docs/performance.md
 DEFAULT_BLOCK_KV = 256
-# Score entries one step may form (all batch rows and heads): 2^20 floats = 4 MiB keeps a
-# step's temporaries in cache and the program's scratch under ~32 MB, below which the CPU
-# runtime reuses its memory instead of page-faulting it in again on every call.
+# Score entries one step may form (all batch rows and heads), 2^23 floats = 32 MiB: smaller
+# steps keep scratch small (the CPU runtime page-faults scratch above ~32 MB in again on every
+# call) but multiply the unrolled steps and so the compile time (docs/performance.md).
 SCORES_PER_STEP = 2**23
 # A window or chunk of span S uses blocks of at most S / SPAN_BLOCKS (but >= MIN_BLOCK), so
 # that the partly hidden blocks at its two edges add at most ~1/8 of the visible work.
