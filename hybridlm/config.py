@@ -64,6 +64,8 @@ def defaults() -> mlc.ConfigDict:
     m.scan_layers = True  # scan over pattern groups (False: unrolled, same numbers)
     m.remat = "none"  # rematerialisation: "none" | "full" | "dots" | "dots_no_batch"
     m.attention_impl = "auto"  # attention kernel: see hybridlm.ops.IMPLS
+    m.attention_block_q = 256  # query rows per attention tile (blockwise, splash)
+    m.attention_block_kv = 256  # key columns per attention tile (windows use <= window/8)
     m.dtype = "float32"  # activation dtype: "float32" | "bfloat16" (params stay float32)
     m.init_std = 0.02  # std of the weight init (output projections: / sqrt(2 * layers))
 
@@ -286,6 +288,10 @@ def validate(cfg: mlc.ConfigDict) -> None:
                            ("block", ("sequential", "parallel")), ("remat", tuple(REMAT_POLICIES)),
                            ("attention_impl", IMPLS), ("dtype", tuple(DTYPES))):
         _require(m[field] in allowed, f"model.{field} is {m[field]!r}; choose one of {allowed}")
+    for field in ("attention_block_q", "attention_block_kv"):
+        _positive_int(m[field], f"model.{field}")
+        _require(m[field] % 8 == 0, f"model.{field} ({m[field]}) must be a multiple of 8 "
+                 "(tiles map onto vector registers and TPU sublanes)")
     names = parse_pattern(m.pattern)
     _require(bool(names), "model.pattern is empty; give comma-separated layer-type names")
     for name in names:
