@@ -45,11 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from hybridlm import config as config_lib  # noqa: E402
+from hybridlm.data.pipeline import make_train_iterator  # noqa: E402
 from hybridlm.model import flops_per_token  # noqa: E402
 from hybridlm.parallel import make_mesh, put_batch  # noqa: E402
 from hybridlm.train.optim import decay_mask, make_optimizer  # noqa: E402
 from hybridlm.train.state import abstract_model, init_state, make_layout  # noqa: E402
-from hybridlm.train.trainer import compile_train_step, data_pipeline  # noqa: E402
+from hybridlm.train.trainer import compile_train_step  # noqa: E402
 
 CASES = {
     "reference": ("rope", 1024, 4),
@@ -93,7 +94,7 @@ def run_case(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
     start = time.perf_counter()
     step = compile_train_step(cfg, mesh, layout, tx)
     compile_s = time.perf_counter() - start
-    batches = data_pipeline().make_train_iterator(cfg, 0, 1)
+    batches = make_train_iterator(cfg, 0, 1)
     rows, seq_len = cfg.train.batch_size, cfg.data.seq_len
     fixed = put_batch(next(batches), mesh, rows)
     state, metrics = step(state, fixed)  # warm up

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hybridlm.config import ConfigError
-from hybridlm.train.data_adapter import make_train_iterator
+from hybridlm.data.pipeline import make_train_iterator
 from hybridlm.train.metrics import mfu, peak_flops
 from hybridlm.train.trainer import NonFiniteLoss, train
 from tests.train_helpers import tiny_config
@@ -48,7 +48,7 @@ def test_logs_eval_and_mfu_against_a_hand_count(tmp_path, devices):
                       "log.peak_flops=1e9")
     history = train(cfg, tmp_path, devices=devices[:1])
     rows = read_rows(tmp_path)
-    assert [r["step"] for r in rows] == [2, 3, 4, 6]  # eval steps are logged too
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 6]  # the first and eval steps too
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
     assert all(np.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
     assert [r["loss"] for r in rows] == [h["loss"] for h in history]

@@ -9,12 +9,9 @@ step would stall the asynchronous dispatch). Checkpointing plugs in through the 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
 import jax
@@ -24,6 +21,7 @@ import numpy as np
 import optax
 
 from hybridlm import config as config_lib
+from hybridlm.data import pipeline as data_pipeline
 from hybridlm.model import flops_per_token
 from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, replicated
 from hybridlm.parallel.mesh import check_batch, make_mesh
@@ -73,13 +71,6 @@ class NoCheckpoints:
 
     def close(self) -> None:
         pass
-
-
-def data_pipeline() -> ModuleType:
-    """hybridlm.data.pipeline when it exists, else the stand-in with the same contract."""
-    if importlib.util.find_spec("hybridlm.data.pipeline") is not None:
-        return importlib.import_module("hybridlm.data.pipeline")
-    return importlib.import_module("hybridlm.train.data_adapter")
 
 
 def check_local_batch(local: dict[str, np.ndarray], rows: int, seq_len: int) -> None:
@@ -157,9 +148,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
               f"devices, {process_count} process(es)", flush=True)
 
     # ---- data ----------------------------------------------------------------------
-    pipeline = data_pipeline()
     if train_iter is None:
-        train_iter = pipeline.make_train_iterator(cfg, process_index, process_count)
+        train_iter = data_pipeline.make_train_iterator(cfg, process_index, process_count)
 
     # ---- model, optimizer and state --------------------------------------------------
     model_cfg = config_lib.model_dict(cfg)
@@ -192,7 +182,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
               f"{'resuming at' if start else 'starting at'} step {start}", flush=True)
 
     def run_eval(params) -> float | None:
-        batches = pipeline.make_eval_iterator(cfg, process_index, process_count)
+        batches = data_pipeline.make_eval_iterator(cfg, process_index, process_count)
         with activation_sharding(mesh):
             return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
 
@@ -209,7 +199,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
             done = step + 1
             is_eval = cfg.eval.steps > 0 and (
                 done == t.steps or (cfg.eval.every and done % cfg.eval.every == 0))
-            if done % cfg.log.every == 0 or done == t.steps or is_eval:
+            if done % cfg.log.every == 0 or done in (start + 1, t.steps) or is_eval:
                 metrics = jax.device_get(metrics)
                 step_time = (time.perf_counter() - window_start) / window_steps
                 row = {"loss": metrics["loss"], "lr": metrics["lr"],
