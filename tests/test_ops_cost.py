@@ -13,7 +13,9 @@ from flax import nnx
 from hybridlm import config as config_lib
 from hybridlm.model import Transformer
 from hybridlm.ops.cost import attention_cost, attention_matmul_flops, visible_pairs
+from hybridlm.train.state import COUNTERS
 from hybridlm.train.step import make_train_step
+from hybridlm.train.trainer import BATCH_KEYS
 
 SHAPE = dict(batch=1, heads=2, kv_heads=2, head_dim=64)
 
@@ -52,14 +54,19 @@ def test_blockwise_forward_flops_within_a_quarter_of_the_visible_pairs(window):
 
 
 def train_step_cost(model_cfg, length):
+    """FLOPs and temp bytes of the trainer's own step (state dict, full batch contract)."""
     cfg = dict(model_cfg.to_dict(), scan_layers=False)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))),
                                  nnx.Param)
+    params = nnx.to_pure_dict(params)
     tx = optax.adamw(1e-3)
-    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    compiled = jax.jit(make_train_step(graphdef, tx)).lower(
-        (params, jax.eval_shape(tx.init, params)), {"inputs": tokens, "targets": tokens}
-    ).compile()
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+             **{name: scalar for name in COUNTERS}}
+    batch = {key: jax.ShapeDtypeStruct((1, length), jnp.dtype(dtype))
+             for key, dtype in BATCH_KEYS.items()}
+    step = make_train_step(graphdef, tx, optax.constant_schedule(1e-3))
+    compiled = jax.jit(step).lower(state, batch).compile()
     return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
 
 
