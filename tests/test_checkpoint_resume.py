@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,3 +138,49 @@ def test_init_from_into_4x_seq_len_and_another_theta_trains(reference, tmp_path,
     first = history[0]["loss"]
     np.testing.assert_allclose(first, mean_loss(loaded, graphdef, batch), rtol=1e-5)
     assert first < mean_loss(fresh, graphdef, batch) - 0.5
+
+
+WORKER = """
+import sys
+import jax
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from hybridlm.config import load
+from hybridlm.train.trainer import train
+train(load(sys.argv[4], sys.argv[5:]), workdir)
+jax.distributed.shutdown()
+"""
+
+
+def start_two_processes(workdir: Path) -> list[subprocess.Popen]:
+    """One run over two processes of one CPU device each (gloo on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(workdir),
+                              RUN[1], f"train.steps={STEPS}", *OVERRIDES], cwd=REPO_ROOT,
+                             env=env, stdout=open(workdir.with_suffix(f".{i}.log"), "a"),
+                             stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    workdir = tmp_path / "two"
+    workers = start_two_processes(workdir)
+    wait_for_step(workers[0], workdir, random.randint(3, STEPS // 2))
+    workers[1].send_signal(signal.SIGTERM)
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    log = workdir.with_suffix(".0.log").read_text()
+    stopped = re.search(r"SIGTERM: stopped after step (\d+) and saved a checkpoint", log)
+    assert stopped, log[-3000:]
+    step = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
+    data = workdir / "checkpoints" / str(step) / "data"
+    assert {p.name for p in data.glob("*.json")} == {"process_0-of-2.json",
+                                                     "process_1-of-2.json"}
+    workers = start_two_processes(workdir)
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    assert f"resuming from {workdir / 'checkpoints' / str(step)}" in \
+        workdir.with_suffix(".0.log").read_text()
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
