@@ -1,0 +1,186 @@
+"""Real training subprocesses stopped and resumed: the same losses, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from hybridlm.config import REPO_ROOT, load
+from hybridlm.data.pipeline import make_train_iterator
+from hybridlm.model import Transformer
+from hybridlm.train.checkpoint import load_model
+from hybridlm.train.state import abstract_model
+from hybridlm.train.step import loss_sums
+from hybridlm.train.trainer import contract, train
+
+STEPS = 24
+OVERRIDES = ["model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8",
+             "model.mlp_dim=64", "model.vocab_size=300", "model.attention_impl=dense",
+             "train.batch_size=4", "train.warmup_steps=2", "log.every=1", "eval.steps=0",
+             "checkpoint.every=1", "checkpoint.keep=2"]
+RUN = ["--config", "configs/paper.py:variant=rnope_swa,window=5,seq_len=16",
+       f"--config.train.steps={STEPS}", *(f"--config.{o}" for o in OVERRIDES)]
+
+pytestmark = pytest.mark.slow
+
+
+def start(workdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    log = open(workdir.with_suffix(".log"), "a")
+    return subprocess.Popen([sys.executable, "-m", "hybridlm.cli", "train", *RUN,
+                             "--workdir", str(workdir)], cwd=REPO_ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def finish(workdir: Path) -> str:
+    proc = start(workdir)
+    assert proc.wait(timeout=300) == 0, workdir.with_suffix(".log").read_text()[-3000:]
+    return workdir.with_suffix(".log").read_text()
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int) -> None:
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"no step {step} in {metrics}")
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("runs") / "reference"
+    finish(workdir)
+    curve = losses(workdir)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    return workdir, curve
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(reference, tmp_path):
+    workdir, kill_at = tmp_path / "killed", random.randint(3, STEPS // 2)
+    proc = start(workdir)
+    wait_for_step(proc, workdir, kill_at)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert checkpoint_steps(workdir), "no checkpoint before the kill"
+    log = finish(workdir)
+    assert "resuming from" in log
+    assert losses(workdir) == reference[1], f"killed after step {kill_at}"
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_the_same(reference, tmp_path):
+    workdir, stop_at = tmp_path / "terminated", random.randint(3, STEPS // 2)
+    proc = start(workdir)
+    wait_for_step(proc, workdir, stop_at)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    log = workdir.with_suffix(".log").read_text()
+    stopped = re.search(r"SIGTERM: stopped after step (\d+) and saved a checkpoint", log)
+    assert stopped and "To resume, run the same `hybridlm train` command again" in log, log
+    step = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
+    finish(workdir)
+    assert losses(workdir) == reference[1], f"stopped after step {step}"
+
+
+def mean_loss(params, graphdef, batch) -> float:
+    _, (ce_sum, weight_sum) = loss_sums(params, graphdef, contract(batch))
+    return float(ce_sum / weight_sum)
+
+
+def test_init_from_into_4x_seq_len_and_another_theta_trains(reference, tmp_path, devices,
+                                                           capsys):
+    """The paper's recipe: a new stage at a longer context with another RoPE theta."""
+    source, _ = reference
+    stage = load("configs/paper.py:variant=rnope_swa,window=8,seq_len=64,theta=500000.0",
+                 [*OVERRIDES, "train.steps=3", f"train.init_from={source}",
+                  "checkpoint.enabled=False"])
+    history = train(stage, tmp_path / "stage", devices=devices[:1])
+    assert all(np.isfinite(row["loss"]) for row in history)
+    assert f"new stage: params from {source}/checkpoints/{STEPS}" in capsys.readouterr().out
+
+    # Oracle for the first step's loss: the source's parameters in the stage's model, and a
+    # fresh init of the same model, on the stage's first batch.
+    batch = next(make_train_iterator(stage, 0, 1))
+    graphdef, _ = abstract_model(stage.model.to_dict(), stage.train.seed)
+    _, source_model, _ = load_model(source)
+    loaded = nnx.to_pure_dict(nnx.state(source_model, nnx.Param))
+    with nnx.use_eager_sharding(False):
+        fresh = nnx.to_pure_dict(nnx.state(Transformer(stage.model.to_dict(),
+                                                       rngs=nnx.Rngs(params=0)), nnx.Param))
+    first = history[0]["loss"]
+    np.testing.assert_allclose(first, mean_loss(loaded, graphdef, batch), rtol=1e-5)
+    assert first < mean_loss(fresh, graphdef, batch) - 0.5
+
+
+WORKER = """
+import sys
+import jax
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from hybridlm.config import load
+from hybridlm.train.trainer import train
+train(load(sys.argv[4], sys.argv[5:]), workdir)
+jax.distributed.shutdown()
+"""
+
+
+def start_two_processes(workdir: Path) -> list[subprocess.Popen]:
+    """One run over two processes of one CPU device each (gloo on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(workdir),
+                              RUN[1], f"train.steps={STEPS}", *OVERRIDES], cwd=REPO_ROOT,
+                             env=env, stdout=open(workdir.with_suffix(f".{i}.log"), "a"),
+                             stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    workdir = tmp_path / "two"
+    workers = start_two_processes(workdir)
+    wait_for_step(workers[0], workdir, random.randint(3, STEPS // 2))
+    workers[1].send_signal(signal.SIGTERM)
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    log = workdir.with_suffix(".0.log").read_text()
+    stopped = re.search(r"SIGTERM: stopped after step (\d+) and saved a checkpoint", log)
+    assert stopped, log[-3000:]
+    step = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
+    data = workdir / "checkpoints" / str(step) / "data"
+    assert {p.name for p in data.glob("*.json")} == {"process_0-of-2.json",
+                                                     "process_1-of-2.json"}
+    workers = start_two_processes(workdir)
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    assert f"resuming from {workdir / 'checkpoints' / str(step)}" in \
+        workdir.with_suffix(".0.log").read_text()
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
