@@ -1,6 +1,7 @@
 """`hybridlm <command>`: the command line.
 
     hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
+    hybridlm prepare [--config ...] [--source SPEC] [--tokenizer SPEC] [--out DIR]
 
 A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
 never a traceback.
@@ -50,16 +51,61 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", default=None,
                        help="where the run writes config.json, metrics.jsonl, tb/ "
                        "(default runs/<config name>)")
+    prepare = sub.add_parser(
+        "prepare", help="tokenise data.source into ArrayRecord shards plus a manifest",
+        description="Tokenise the config's data.source with data.tokenizer into ArrayRecord "
+        "shards plus a manifest (documents, tokens, a length histogram). Without --out the "
+        "result goes to the cache that `hybridlm train` reads (data.cache_dir, else "
+        "$HYBRIDLM_CACHE, else ~/.cache/hybridlm); with --out, train on it with "
+        "--config.data.source=DIR. Sources and tokenizers: docs/data.md.")
+    prepare.add_argument("--config", default=config_lib.DEFAULT_CONFIG,
+                         help=f"config file (default {config_lib.DEFAULT_CONFIG})")
+    prepare.add_argument("--source", default=None,
+                         help="shorthand for --config.data.source (stdlib, shakespeare, a path, "
+                         "jsonl:PATH, parquet:PATH)")
+    prepare.add_argument("--tokenizer", default=None,
+                         help="shorthand for --config.data.tokenizer (byte, bpe:VOCAB, a "
+                         "tokenizer.json or SentencePiece .model)")
+    prepare.add_argument("--out", default=None,
+                         help="write the prepared directory here instead of the cache (one "
+                         "source only)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    for field in ("source", "tokenizer"):
+        if getattr(args, field) is not None:
+            overrides = [*overrides, f"data.{field}={getattr(args, field)}"]
+    cfg = config_lib.load(args.config, overrides)
+    from hybridlm.data import prepare
+
+    progress = not args.quiet
+    if args.out is None:
+        _, prepared = prepare.resolve(cfg.data, progress=progress)
+        for p, _ in prepared:
+            print(prepare.summary(p))
+        return 0
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    p = prepare.prepare_to(cfg.data, out, progress=progress)
+    print(prepare.summary(p))
+    print(f"train on it with --config.data.source={out}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    from hybridlm.train.trainer import train  # heavy imports after validation
+    from hybridlm.train.trainer import NonFiniteLoss, train  # heavy imports after validation
 
     print(f"training {args.config} in {workdir}", flush=True)
-    train(cfg, workdir)
+    try:
+        train(cfg, workdir)
+    except NonFiniteLoss as e:
+        print(f"hybridlm: training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -68,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train",):
+        if overrides and args.command not in ("train", "prepare"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
-        return {"train": cmd_train}[args.command](args, overrides)
+        return {"train": cmd_train, "prepare": cmd_prepare}[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 2

@@ -64,27 +64,59 @@ def defaults() -> mlc.ConfigDict:
     m.scan_layers = True  # scan over pattern groups (False: unrolled, same numbers)
     m.remat = "none"  # rematerialisation: "none" | "full" | "dots" | "dots_no_batch"
     m.attention_impl = "auto"  # attention kernel: see hybridlm.ops.IMPLS
+    m.attention_block_q = 256  # query rows per attention tile (blockwise, splash)
+    m.attention_block_kv = 256  # key columns per attention tile (windows use <= window/8)
     m.dtype = "float32"  # activation dtype: "float32" | "bfloat16" (params stay float32)
     m.init_std = 0.02  # std of the weight init (output projections: / sqrt(2 * layers))
 
-    c.data = d = mlc.ConfigDict()
-    d.source = "stdlib"  # "stdlib": the Python standard library's source files
-    d.tokenizer = "byte"  # "byte": UTF-8 bytes, always available
+    c.data = d = mlc.ConfigDict()  # docs/data.md
+    d.source = "stdlib"  # stdlib | shakespeare | PATH | jsonl:PATH | parquet:PATH | DIR; a,b mixes
+    d.weights = ""  # mixing weights of the sources in data.source, comma-separated ("" = equal)
+    d.tokenizer = "byte"  # "byte" | "bpe:VOCAB" (trained on the source) | tokenizer.json | .model
+    d.eos_token = ""  # end-of-document token of a user tokenizer ("" = the first usual one found)
+    d.text_field = "text"  # the JSONL field / Parquet column that holds the text
+    d.on_bad_record = "error"  # a bad JSONL line: "error" (names file:line) | "skip" (and count)
+    d.cache_dir = ""  # prepared data and trained BPEs ("" = $HYBRIDLM_CACHE or ~/.cache/hybridlm)
     d.seq_len = 512  # training sequence length in tokens
+    d.packing = "first_fit"  # "first_fit" | "best_fit" | "concat" (concat-then-split, no padding)
+    d.val_fraction = 0.02  # share of documents held out for validation (chosen by name hash)
+    d.min_doc_tokens = 0  # leave out training documents shorter than this many tokens
+    d.long_doc_tokens = 0  # documents of at least this many tokens are up-weighted (0: off)
+    d.long_doc_repeat = 1  # ... by appearing this many times per epoch
+    d.eval_batches = 16  # validation batches per evaluation (0: one full pass, single process)
+    d.workers = 0  # Grain worker processes (0: read in the training process, with threads)
 
     c.train = t = mlc.ConfigDict()
     t.steps = 300  # optimizer steps
     t.batch_size = 8  # global batch, in sequences
     t.seed = 0  # seeds parameters and data order
+    t.optimizer = "adamw"  # "adamw" | "adafactor" (factored second moments, less memory)
     t.learning_rate = 3e-3  # peak learning rate
-    t.warmup_steps = 30  # linear warmup, then cosine decay to 10% of the peak
-    t.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only)
-    t.b1 = 0.9  # AdamW beta1
+    t.schedule = "cosine"  # after warmup: "cosine" decay | "wsd" (stable, then decay) | "constant"
+    t.warmup_steps = 30  # linear warmup from 0 to the peak
+    t.min_lr_ratio = 0.1  # cosine and wsd end at this fraction of the peak
+    t.decay_fraction = 0.2  # wsd: the last fraction of the steps decays linearly
+    t.weight_decay = 0.1  # decoupled weight decay (matrices only, not norms or biases)
+    t.b1 = 0.9  # AdamW beta1 (adafactor keeps no momentum)
     t.b2 = 0.95  # AdamW beta2
     t.grad_clip = 1.0  # clip the global gradient norm to this (0: off)
+    t.grad_accum_steps = 1  # microbatches per step: batch_size is split into this many
+    t.z_loss = 0.0  # weight of mean(log Z^2), keeps the softmax normaliser near 1 (PaLM: 1e-4)
+    t.max_nan_streak = 5  # stop after this many non-finite losses in a row (each is skipped)
+
+    c.mesh = mh = mlc.ConfigDict()
+    mh.data = -1  # data-parallel replicas (-1: the devices the other axes leave)
+    mh.fsdp = 1  # split parameters and optimizer state (and the batch) over this many
+    mh.context = 1  # split the sequence over this many devices
+    mh.tensor = 1  # split heads, MLP units and vocabulary over this many devices
+
+    c.eval = ev = mlc.ConfigDict()
+    ev.every = 100  # evaluate on the validation split every this many steps (0: at the end)
+    ev.steps = 10  # validation batches (of train.batch_size) per evaluation (0: none)
 
     c.log = lg = mlc.ConfigDict()
     lg.every = 10  # log metrics every this many steps
+    lg.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0: from the device table; CPU: none)
     return c
 
 
@@ -274,6 +306,10 @@ def validate(cfg: mlc.ConfigDict) -> None:
                            ("block", ("sequential", "parallel")), ("remat", tuple(REMAT_POLICIES)),
                            ("attention_impl", IMPLS), ("dtype", tuple(DTYPES))):
         _require(m[field] in allowed, f"model.{field} is {m[field]!r}; choose one of {allowed}")
+    for field in ("attention_block_q", "attention_block_kv"):
+        _positive_int(m[field], f"model.{field}")
+        _require(m[field] % 8 == 0, f"model.{field} ({m[field]}) must be a multiple of 8 "
+                 "(tiles map onto vector registers and TPU sublanes)")
     names = parse_pattern(m.pattern)
     _require(bool(names), "model.pattern is empty; give comma-separated layer-type names")
     for name in names:
@@ -286,15 +322,97 @@ def validate(cfg: mlc.ConfigDict) -> None:
              "pattern's first entries")
     for name in m.layer_types.keys():
         _validate_layer_type(m.layer_types[name], f"model.layer_types.{name}", m.head_dim)
-    _require(cfg.data.tokenizer != "byte" or m.vocab_size >= BYTE_VOCAB,
-             f"model.vocab_size ({m.vocab_size}) is smaller than the byte tokenizer's "
-             f"vocabulary ({BYTE_VOCAB}); raise model.vocab_size")
-    _positive_int(cfg.data.seq_len, "data.seq_len")
+    _validate_data(cfg.data, m.vocab_size)
     _positive_int(cfg.train.batch_size, "train.batch_size")
     _require(isinstance(cfg.train.steps, int) and cfg.train.steps >= 0,
              f"train.steps must be an integer >= 0, got {cfg.train.steps!r}")
     _positive_int(cfg.log.every, "log.every")
-    _require(cfg.train.learning_rate > 0, "train.learning_rate must be > 0")
+    _require(cfg.log.peak_flops >= 0, "log.peak_flops must be >= 0 (0: look the device up)")
+    _validate_train(cfg.train)
+    _validate_mesh(cfg.mesh)
+    for field in ("every", "steps"):
+        value = cfg.eval[field]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"eval.{field} must be an integer >= 0, got {value!r}")
+
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def _validate_train(t: mlc.ConfigDict) -> None:
+    _require(t.learning_rate > 0, "train.learning_rate must be > 0")
+    _require(t.optimizer in OPTIMIZERS,
+             f"train.optimizer is {t.optimizer!r}; choose one of {OPTIMIZERS}")
+    _require(t.schedule in SCHEDULES,
+             f"train.schedule is {t.schedule!r}; choose one of {SCHEDULES}")
+    _require(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0,
+             f"train.warmup_steps must be an integer >= 0, got {t.warmup_steps!r}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0,
+             f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(0.0 <= t.decay_fraction <= 1.0,
+             f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}")
+    _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1 and train.b2 must be in [0, 1)")
+    _require(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0: off)")
+    _require(t.z_loss >= 0, "train.z_loss must be >= 0 (0: off)")
+    _positive_int(t.grad_accum_steps, "train.grad_accum_steps")
+    _positive_int(t.max_nan_streak, "train.max_nan_streak")
+    _require(t.batch_size % t.grad_accum_steps == 0,
+             f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum_steps "
+             f"({t.grad_accum_steps}): each microbatch has batch_size / grad_accum_steps rows")
+
+
+def _validate_mesh(mesh: mlc.ConfigDict) -> None:
+    """Static checks; whether the mesh fits the devices is checked when the job starts."""
+    from hybridlm.parallel.mesh import MESH_AXES  # late import: parallel imports config
+
+    for axis in MESH_AXES:
+        value = mesh[axis]
+        _require(isinstance(value, int) and not isinstance(value, bool)
+                 and (value == -1 or value >= 1),
+                 f"mesh.{axis} must be an integer >= 1, or -1 for the remaining devices; "
+                 f"got {value!r}")
+    free = [axis for axis in MESH_AXES if mesh[axis] == -1]
+    _require(len(free) <= 1, f"only one mesh field may be -1 (the rest of the devices); "
+             f"got {', '.join('mesh.' + a for a in free)}")
+
+
+PACKINGS = ("first_fit", "best_fit", "concat")
+
+
+def _validate_data(d: mlc.ConfigDict, vocab_size: int) -> None:
+    from hybridlm.data.sources import parse_sources  # late: data imports config
+    from hybridlm.data.tokenizers import parse_bpe_spec, static_vocab_size
+
+    _positive_int(d.seq_len, "data.seq_len")
+    _require(isinstance(d.source, str), f"data.source must be a string, got {d.source!r}")
+    _require(isinstance(d.weights, str), f"data.weights must be a string like '3,1', got "
+             f"{d.weights!r}")
+    parse_sources(d.source, d.weights)
+    _require(isinstance(d.tokenizer, str) and bool(d.tokenizer),
+             "data.tokenizer must be 'byte', 'bpe:VOCAB' or a tokenizer file")
+    if d.tokenizer != "byte" and parse_bpe_spec(d.tokenizer) is None:
+        _require(Path(d.tokenizer).expanduser().is_file(),
+                 f"data.tokenizer {d.tokenizer!r}: no such file; give 'byte', 'bpe:VOCAB', a "
+                 "tokenizer.json or a SentencePiece .model")
+    vocab = static_vocab_size(d.tokenizer)
+    name = "byte tokenizer" if d.tokenizer == "byte" else f"tokenizer {d.tokenizer!r}"
+    _require(vocab is None or vocab_size >= vocab,
+             f"model.vocab_size ({vocab_size}) is smaller than the {name}'s vocabulary "
+             f"({vocab}); raise model.vocab_size to at least {vocab}")
+    _require(d.packing in PACKINGS, f"data.packing is {d.packing!r}; choose one of {PACKINGS}")
+    _require(isinstance(d.val_fraction, float) and 0.0 <= d.val_fraction < 1.0,
+             f"data.val_fraction must be a number in [0, 1), got {d.val_fraction!r}")
+    for field in ("min_doc_tokens", "long_doc_tokens", "eval_batches", "workers"):
+        value = d[field]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"data.{field} must be an integer >= 0, got {value!r}")
+    _positive_int(d.long_doc_repeat, "data.long_doc_repeat")
+    _require(d.on_bad_record in ("error", "skip"),
+             f"data.on_bad_record is {d.on_bad_record!r}; choose 'error' or 'skip'")
+    _require(isinstance(d.text_field, str) and bool(d.text_field),
+             "data.text_field must name the JSONL field / Parquet column holding the text")
 
 
 def _validate_layer_type(t: mlc.ConfigDict, where: str, head_dim: int) -> None:

@@ -58,6 +58,8 @@ BAD = [
     (["model.layer_types.local.qk_norm=after"], "model.layer_types.local.qk_norm"),
     (["model.head_dim=63"], "model.head_dim (63) must be even for RoPE"),
     (["model.attention_impl=magic"], "model.attention_impl is 'magic'"),
+    (["model.attention_block_q=0"], "model.attention_block_q must be an integer >= 1"),
+    (["model.attention_block_kv=100"], "model.attention_block_kv (100) must be a multiple of 8"),
     (["model.remat=some"], "model.remat is 'some'"),
     (["model.block=serial"], "model.block is 'serial'"),
     (["data.seq_len=0"], "data.seq_len must be an integer >= 1"),

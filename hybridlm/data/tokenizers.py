@@ -1,8 +1,37 @@
-"""Tokenizers. The byte-level one needs no files and always works."""
+"""Tokenizers: bytes (always available), a byte-level BPE trained by `prepare`, or the user's
+own `tokenizer.json` (HF `tokenizers`) or SentencePiece `.model`.
+
+Every tokenizer has `name`, `vocab_size`, `eos_id` (appended after each document, so the
+model learns where documents end), `encode(text) -> int32 array`, `encode_batch(texts)`,
+`decode(ids)` and `describe()`: the record stored with prepared data and in the manifest,
+whose `fingerprint` says whether two tokenizers produce the same ids.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
 import numpy as np
+
+from hybridlm.config import BYTE_VOCAB, ConfigError
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
+BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # ids 0 and 1 of a BPE trained here
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> np.ndarray: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def describe(self) -> dict[str, Any]: ...
 
 
 class ByteTokenizer:
@@ -10,18 +39,177 @@ class ByteTokenizer:
 
     name = "byte"
     EOS, PAD, UNK = 256, 257, 258
-    vocab_size = 259
+    eos_id = EOS
+    vocab_size = BYTE_VOCAB
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(
             np.int32)
 
-    def decode(self, ids) -> str:
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
 
+    def describe(self) -> dict[str, Any]:
+        return {"spec": "byte", "type": "byte", "vocab_size": self.vocab_size,
+                "eos_id": self.EOS, "fingerprint": "byte"}
 
-def get_tokenizer(name: str) -> ByteTokenizer:
-    if name == "byte":
+
+class HFTokenizer:
+    """A HF `tokenizers` tokenizer.json (a BPE trained by `prepare`, or the user's own)."""
+
+    def __init__(self, path: str | Path, spec: str, eos_token: str = ""):
+        from tokenizers import Tokenizer as _HF
+
+        self.path = Path(path)
+        self.spec = spec
+        self.name = spec
+        try:
+            self._tok = _HF.from_file(str(self.path))
+        except Exception as e:  # the Rust side raises its own exception types
+            raise ConfigError(f"data.tokenizer {spec!r}: {self.path} is not a readable "
+                              f"tokenizer.json ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = _find_eos(spec, eos_token, self._tok.token_to_id)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        out = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in out]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "type": "hf", "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "fingerprint": file_sha256(self.path)}
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece `.model` the user brings (needs `pip install sentencepiece`)."""
+
+    def __init__(self, path: str | Path, spec: str, eos_token: str = ""):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise ConfigError(f"data.tokenizer {spec!r} is a SentencePiece model, which needs "
+                              "the sentencepiece package: pip install sentencepiece") from None
+        self.path, self.spec, self.name = Path(path), spec, spec
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as e:
+            raise ConfigError(f"data.tokenizer {spec!r}: {self.path} is not a readable "
+                              f"SentencePiece model ({e})") from None
+        self.vocab_size = int(self._sp.get_piece_size())
+        eos = self._sp.eos_id()
+        self.eos_id = _find_eos(spec, eos_token, self._sp.piece_to_id) if eos_token or eos < 0 \
+            else int(eos)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "type": "sentencepiece", "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id, "fingerprint": file_sha256(self.path)}
+
+
+def _find_eos(spec: str, eos_token: str, token_to_id) -> int:
+    """The end-of-document id: data.eos_token if given, else the first common name found."""
+    names = (eos_token,) if eos_token else EOS_CANDIDATES
+    for name in names:
+        found = token_to_id(name)
+        if found is not None and found >= 0:
+            return int(found)
+    if eos_token:
+        raise ConfigError(f"data.eos_token {eos_token!r} is not in the vocabulary of "
+                          f"data.tokenizer {spec!r}")
+    raise ConfigError(f"data.tokenizer {spec!r} has none of the usual end-of-document tokens "
+                      f"{list(EOS_CANDIDATES)}; name its token with data.eos_token")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def parse_bpe_spec(spec: str) -> int | None:
+    """'bpe:8192' -> 8192; None when spec is not a BPE-to-train spec."""
+    if not spec.startswith("bpe"):
+        return None
+    _, _, size = spec.partition(":")
+    try:
+        vocab = int(size or 8192)
+    except ValueError:
+        raise ConfigError(f"data.tokenizer {spec!r}: write bpe:VOCAB, e.g. bpe:8192") from None
+    if vocab < 256 + len(BPE_SPECIALS) + 1:
+        raise ConfigError(f"data.tokenizer {spec!r}: a byte-level BPE needs a vocabulary of at "
+                          f"least {256 + len(BPE_SPECIALS) + 1} (256 bytes, specials, merges)")
+    return vocab
+
+
+def static_vocab_size(spec: str) -> int | None:
+    """The vocabulary a tokenizer spec implies without reading files (None: read the file)."""
+    if spec == "byte":
+        return BYTE_VOCAB
+    return parse_bpe_spec(spec)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> None:
+    """Train a byte-level BPE (GPT-2 style pre-tokenisation) and save it as tokenizer.json."""
+    from tokenizers import Tokenizer as _HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = _HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    Path(path).write_text(tok.to_str())
+
+
+def load_file_tokenizer(spec: str, path: str | Path, eos_token: str = "") -> Tokenizer:
+    """A tokenizer from a file: .model is SentencePiece, anything else a tokenizer.json."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer {spec!r}: no such file {path}; give 'byte', "
+                          "'bpe:VOCAB', a tokenizer.json or a SentencePiece .model")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path, spec, eos_token)
+    return HFTokenizer(path, spec, eos_token)
+
+
+def tokenizer_from_record(record: dict[str, Any], directory: Path) -> Tokenizer:
+    """Rebuild the tokenizer a manifest recorded (its file is stored next to the manifest)."""
+    if record["type"] == "byte":
         return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; available: 'byte'")
+    name = "tokenizer.model" if record["type"] == "sentencepiece" else "tokenizer.json"
+    tok = load_file_tokenizer(record["spec"], directory / name)
+    tok.eos_id = int(record["eos_id"])
+    return tok
+
+
+def dumps_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True)
+
+
+def get_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:
+    """'byte' or a tokenizer file. A BPE to train ('bpe:N') comes from
+    hybridlm.data.pipeline.load_tokenizer(cfg), which trains or finds it in the cache."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if parse_bpe_spec(spec) is not None:
+        raise ConfigError(f"data.tokenizer {spec!r} is trained by `hybridlm prepare`; load it "
+                          "with hybridlm.data.pipeline.load_tokenizer(cfg)")
+    return load_file_tokenizer(spec, spec, eos_token)

@@ -32,8 +32,9 @@ def temperature(positions: jax.Array, floor: int, scale: float) -> jax.Array:
 class Attention(nnx.Module):
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  spec: LayerSpec, norm_eps: float, std: float, out_std: float, impl: str,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, block_q: int | None = None, block_kv: int | None = None):
         self.spec, self.impl = spec, impl
+        self.block_q, self.block_kv = block_q, block_kv  # kernel tiling, from the config
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
         self.wkv = param(rngs, (d_model, 2, num_kv_heads, head_dim),
@@ -69,5 +70,6 @@ class Attention(nnx.Module):
                             q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                             q_positions=positions, kv_positions=positions)
         sinks = None if self.sinks is None else self.sinks[...]
-        out = ops.attention(q, k, v, mask, self.impl, sinks=sinks)
+        out = ops.attention(q, k, v, mask, self.impl, sinks=sinks, block_q=self.block_q,
+                            block_kv=self.block_kv)
         return dense(out, self.wo[...], contract=2)

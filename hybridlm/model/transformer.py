@@ -42,7 +42,9 @@ class Block(nnx.Module):
         self.attn = Attention(d_model=d, num_heads=cfg["num_heads"],
                               num_kv_heads=cfg["num_kv_heads"], head_dim=cfg["head_dim"],
                               spec=spec, norm_eps=cfg["norm_eps"], std=std, out_std=out_std,
-                              impl=cfg["attention_impl"], rngs=rngs)
+                              impl=cfg["attention_impl"], rngs=rngs,
+                              block_q=cfg.get("attention_block_q"),
+                              block_kv=cfg.get("attention_block_kv"))
         self.mlp_norm = None if self.parallel else Norm(d, **norm)
         self.mlp = MLP(d, cfg["mlp_dim"], cfg["activation"], std, out_std, rngs)
 
@@ -109,7 +111,8 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                          tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        table = constrain(self.embed[...], ("vocab", "embed"))  # gathered whole per shard
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         if self.groups is not None:
             x = self._run_groups(x, positions, segment_ids)

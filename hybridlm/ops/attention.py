@@ -3,19 +3,33 @@
 Shapes: q [B, T, H, D], k and v [B, S, Hkv, D] with H a multiple of Hkv (GQA: query
 head h reads key/value head h // (H // Hkv)). The model calls only this function;
 which kernel runs is a config choice (`model.attention_impl`), never model code.
+
+    dense      the oracle: full T x S scores, masked (O(T^2) time and memory)
+    blockwise  flash-style pure JAX that computes only blocks the mask reaches
+    cudnn      cuDNN flash attention on NVIDIA GPUs
+    splash     Pallas splash attention on TPU (interpret mode elsewhere, for tests)
+    auto       splash on TPU, cudnn on NVIDIA GPUs, blockwise elsewhere
+
+A kernel that cannot express a case (cuDNN and packing, say) hands it to blockwise
+and says so once in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from hybridlm.ops import cudnn, splash
+from hybridlm.ops.blockwise import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, blockwise_attention
 from hybridlm.ops.masks import MaskSpec, dense_mask
 
-IMPLS = ("auto", "dense")
+IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
 
 
 def dense_attention(q, k, v, spec: MaskSpec, *, scale: float, sinks=None) -> jax.Array:
@@ -46,21 +60,42 @@ def dense_attention(q, k, v, spec: MaskSpec, *, scale: float, sinks=None) -> jax
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-_KERNELS: dict[str, Callable] = {"dense": dense_attention}
+_KERNELS: dict[str, Callable] = {"dense": dense_attention, "blockwise": blockwise_attention,
+                                  "cudnn": cudnn.cudnn_attention,
+                                  "splash": splash.splash_attention}
+_UNSUPPORTED = {"cudnn": cudnn.unsupported, "splash": splash.unsupported}
 
 
-def resolve_impl(impl: str) -> str:
-    """The kernel `impl` runs on this platform. `auto` picks the best one available."""
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """The kernel `impl` names on this platform: `auto` is splash on TPU, cudnn on
+    NVIDIA GPUs, blockwise elsewhere."""
     if impl == "auto":
-        return "dense"
+        backend = backend or jax.default_backend()
+        if backend == "tpu":
+            return "splash"
+        if backend == "gpu" and cudnn.on_nvidia_gpu():
+            return "cudnn"
+        return "blockwise"
     if impl not in _KERNELS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     return impl
 
 
+def _fall_back(impl: str, reason: str) -> str:
+    if (impl, reason) not in _logged:
+        _logged.add((impl, reason))
+        log.warning("attention: %s cannot handle %s; using blockwise for this case", impl,
+                    reason)
+    return "blockwise"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str = "auto",
-              *, scale: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
-    """Masked multi-head attention; returns [B, T, H, D] in q's dtype."""
+              *, scale: float | None = None, sinks: jax.Array | None = None,
+              block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
+    """Masked multi-head attention; returns [B, T, H, D] in q's dtype.
+
+    block_q / block_kv: tile sizes for blockwise and splash (None: their defaults).
+    """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"attention expects q [B,T,H,D], k=v [B,S,Hkv,D]; got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")
@@ -68,4 +103,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: st
         raise ValueError(f"attention: q {q.shape} and k {k.shape} disagree (batch, head_dim, "
                          "or heads not a multiple of kv heads)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _KERNELS[resolve_impl(impl)](q, k, v, spec, scale=scale, sinks=sinks)
+    name = resolve_impl(impl)
+    if name in _UNSUPPORTED:
+        reason = _UNSUPPORTED[name](q, k, spec, sinks)
+        if reason is not None:
+            name = _fall_back(name, reason)
+    kernel = _KERNELS[name]
+    if name in ("blockwise", "splash"):
+        blocks = dict(block_q=block_q or DEFAULT_BLOCK_Q, block_kv=block_kv or DEFAULT_BLOCK_KV)
+        return kernel(q, k, v, spec, scale=scale, sinks=sinks, **blocks)
+    return kernel(q, k, v, spec, scale=scale, sinks=sinks)

@@ -15,6 +15,7 @@ every pair of tokens in the same segment. Kernels that skip blocks rely on that.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,21 @@ class MaskSpec:
         """How far back (in keys, query included) any query can see; None = unbounded."""
         spans = [s for s in (self.window, self.chunk) if s is not None]
         return min(spans) if spans else None
+
+
+def visible_offsets(causal: bool, window: int | None,
+                    chunk: int | None) -> tuple[float, float]:
+    """(lo, hi): the query-minus-key offsets a query may see, as far as index geometry says.
+
+    Inside a segment offsets in positions equal offsets in indices, so a key block whose
+    offsets all fall outside [lo, hi] is hidden from the whole query block. A chunk
+    bounds the offset by C - 1 on both sides; which keys share the chunk depends on
+    positions, so chunked blocks are always masked elementwise.
+    """
+    spans = [s for s in (window, chunk) if s is not None]
+    hi = min(spans) - 1 if spans else math.inf
+    lo = 0 if causal else -hi
+    return lo, hi
 
 
 def positions_or_default(positions: jax.Array | None, length: int) -> jax.Array:

@@ -1,0 +1,102 @@
+"""Pallas splash attention (the TPU kernel), behind the common attention contract.
+
+Splash skips masked blocks on TPU from a static block map built from its mask objects:
+`CausalMask`, `LocalMask` (window), `ChunkedCausalMask`, and `SegmentIds` for packing.
+Off TPU it runs in Pallas interpret mode, which is how the tests check it against the
+dense oracle on CPU (slowly: keep those cases small).
+
+Traps handled here (see shared STACK_NOTES): splash takes [H, T, D] without a batch
+axis (vmapped here), does not scale q (pre-scaled here), needs the backward block
+sizes set explicitly, and a window of W keys is `LocalMask((W - 1, 0))`, inclusive.
+Block sizes are rounded to multiples of 128 (TPU lanes; splash checks this even in
+interpret mode) and lengths padded to a multiple of them; padding sits in its own segment.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+from hybridlm.ops.masks import MaskSpec
+
+PAD_SEGMENT = -1  # segment id of padding keys: no real query shares it
+LANES = 128  # splash tiles are multiples of the TPU lane width, in interpret mode too
+
+
+def unsupported(q: jax.Array, k: jax.Array, spec: MaskSpec, sinks) -> str | None:
+    """Why splash cannot compute this case exactly, or None when it can."""
+    del sinks  # splash takes per-head sinks
+    if q.shape[1] != k.shape[1]:
+        return "query and key lengths differ (splash here is self-attention only)"
+    if spec.chunk is not None and not spec.causal:
+        return "a non-causal chunk (splash has only ChunkedCausalMask)"
+    if spec.chunk is not None and (spec.q_positions is not None or
+                                   spec.q_segment_ids is not None):
+        return ("a chunk with positions or packed segments (chunk boundaries follow "
+                "positions; splash masks see only sequence indices)")
+    return None
+
+
+def _mask(spec: MaskSpec, length: int, heads: int) -> sm.MultiHeadMask:
+    shape = (length, length)
+    if spec.chunk is not None:
+        mask = sm.ChunkedCausalMask(shape, spec.chunk)
+        if spec.window is not None:
+            mask = sm.LogicalAnd(mask, sm.LocalMask(shape, (spec.window - 1, 0), 0))
+    elif spec.window is not None:
+        right = 0 if spec.causal else spec.window - 1
+        mask = sm.LocalMask(shape, (spec.window - 1, right), 0)
+    elif spec.causal:
+        mask = sm.CausalMask(shape)
+    else:
+        mask = sm.FullMask(shape)
+    return sm.MultiHeadMask([mask] * heads)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(spec_key, length: int, heads: int, block_q: int, block_kv: int,
+            interpret: bool):
+    causal, window, chunk = spec_key
+    spec = MaskSpec(causal=causal, window=window, chunk=chunk)
+    sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                          block_q_dkv=block_q, block_kv_dkv=block_kv,
+                          block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                          block_kv_dq=block_kv)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+        return sk.make_splash_mha(_mask(spec, length, heads), block_sizes=sizes,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
+                     scale: float, sinks: jax.Array | None = None, block_q: int = 512,
+                     block_kv: int = 512) -> jax.Array:
+    """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; interpret mode off TPU."""
+    b, t, h, d = q.shape
+    bq, bk = (max(LANES, block // LANES * LANES) for block in (block_q, block_kv))
+    tile = math.lcm(bq, bk)
+    length = -(-t // tile) * tile  # both block sizes must divide the padded length
+    q_seg, kv_seg = spec.q_segment_ids, spec.kv_segment_ids
+    if q_seg is None and length != t:  # padding needs a segment of its own
+        q_seg = kv_seg = jnp.zeros((b, t), jnp.int32)
+    if q_seg is not None:
+        q_seg, kv_seg = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, length - t)),
+                                 constant_values=PAD_SEGMENT) for x in (q_seg, kv_seg))
+
+    def heads_first(x):
+        return jnp.pad(x, ((0, 0), (0, length - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    kernel = _kernel((spec.causal, spec.window, spec.chunk), length, h, bq, bk,
+                     jax.default_backend() != "tpu")
+
+    def one(qi, ki, vi, ids):
+        return kernel(qi, ki, vi, segment_ids=ids, sinks=sinks)
+
+    ids = None if q_seg is None else sk.SegmentIds(q=q_seg, kv=kv_seg)
+    out = jax.vmap(one)(heads_first(q_scaled), heads_first(k), heads_first(v), ids)
+    return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
