@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hybridlm import config as config_lib
 from hybridlm.config import ConfigError, resolve_config_path
 
 
@@ -55,7 +56,7 @@ def point_name(point: dict[str, Any]) -> str:
 def command(point: dict[str, Any], root: Path, extra: list[str] = ()) -> list[str]:
     cmd = ["hybridlm", "train", "--config", point["config"], "--workdir",
            str(root / point["name"])]
-    cmd += [f"--config.{k}={v}" for k, v in point.items() if k not in ("config", "name")]
+    cmd += [f"--config.{o}" for o in overrides(point)]
     return cmd + list(extra)
 
 
@@ -69,8 +70,26 @@ def is_finished(workdir: Path) -> bool:
     return bool(lines) and lines[-1].get("step", -1) >= steps
 
 
+def overrides(point: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in point.items() if k not in ("config", "name")]
+
+
+def check_points(points: list[dict[str, Any]], extra: list[str] = ()) -> None:
+    """Every point's config must load (and validate) before the first one starts."""
+    shared = [e.removeprefix("--config.") for e in extra if e.startswith("--config.")]
+    for point in points:
+        try:
+            config_lib.load(point["config"], overrides(point) + shared)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {point['name']!r}: {e}") from None
+
+
 def run(spec: str, launcher: str, root: Path, extra: list[str] = ()) -> int:
+    """Run (local), submit (slurm) or print the points' training commands."""
+    if launcher not in ("local", "slurm", "print"):
+        raise ConfigError(f"--launcher {launcher!r}: choose local, slurm or print")
     points = load_sweep(spec)
+    check_points(points, extra)
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points}, indent=2))
     if launcher == "print":
@@ -79,8 +98,6 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = ()) -> int:
         return 0
     if launcher == "slurm":
         return _submit_slurm(points, root, extra)
-    if launcher != "local":
-        raise ConfigError(f"--launcher {launcher!r}: choose local, slurm or print")
     for i, point in enumerate(points):
         workdir = root / point["name"]
         if is_finished(workdir):
@@ -93,6 +110,11 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = ()) -> int:
             print(f"sweep: point {point['name']} failed with status {result.returncode}; "
                   "rerun the same command to resume it", file=sys.stderr)
             return result.returncode
+        if not is_finished(workdir):  # e.g. stopped by SIGTERM after saving a checkpoint
+            print(f"sweep: point {point['name']} stopped before its train.steps; rerun the "
+                  "same command to resume it", file=sys.stderr)
+            return 1
+    print(f"sweep: all {len(points)} points finished under {root}", flush=True)
     return 0
 
 
@@ -121,10 +143,11 @@ def point_summary(workdir: Path) -> dict[str, Any]:
             row.update({k: last.get(k) for k in ("step", "loss", "tokens_per_s")})
             vals = [x["val_loss"] for x in lines if x.get("val_loss") is not None]
             row["val_loss"] = vals[-1] if vals else None
-    for result in sorted((workdir / "eval").glob("*.json")) if (workdir / "eval").exists() else []:
-        summary = json.loads(result.read_text()).get("summary", {})
-        row.update({f"{result.stem}/{k}": v for k, v in summary.items()
-                    if isinstance(v, (int, float))})
+    for result in sorted((workdir / "eval").glob("*.json")):
+        data = json.loads(result.read_text())
+        scalars = {**data, **data.get("summary", {})} if isinstance(data, dict) else {}
+        row.update({f"{result.stem}/{k}": v for k, v in scalars.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return row
 
 
@@ -132,28 +155,51 @@ def summarize(spec: str, root: Path) -> Path:
     """summary.md, summary.csv and summary.png under root; returns the markdown path."""
     import csv
 
-    from hybridlm.eval import plots
-
     points = load_sweep(spec)
     rows = {p["name"]: point_summary(root / p["name"]) for p in points}
     columns = sorted({k for r in rows.values() for k in r}, key=lambda k: ("/" in k, k))
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["point", *columns])
         for name, r in rows.items():
             writer.writerow([name, *(r.get(c, "") for c in columns)])
-    md = ["| point | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    md = [f"Sweep `{spec}`: the last logged training step of each point (`-`: none yet).", "",
+          "| point | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     md += [f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in columns) + " |"
            for name, r in rows.items()]
     (root / "summary.md").write_text("\n".join(md) + "\n")
-    numeric = [c for c in ("val_loss", "loss") if any(r.get(c) is not None for r in rows.values())]
-    if numeric:
-        plots.bars({name: {c: r.get(c) for c in numeric} for name, r in rows.items()},
-                   root / "summary.png", ylabel="loss (nats)", title=f"sweep {spec}")
+    _plot(rows, root / "summary.png", spec)
     return root / "summary.md"
+
+
+def _plot(rows: dict[str, dict[str, Any]], out: Path, spec: str) -> None:
+    """Final training loss (and validation loss where there is one) per point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    series = [c for c in ("loss", "val_loss") if any(rows[n].get(c) is not None for n in names)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.5))
+    width = 0.8 / max(len(series), 1)
+    for j, column in enumerate(series):
+        values = [rows[n].get(column) for n in names]
+        ax.bar([i + j * width for i in range(len(names))],
+               [float("nan") if v is None else v for v in values], width, label=column)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names,
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"sweep {spec}", fontsize=9)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def _fmt(value: Any) -> str:
     if value is None:
-        return "–"
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -24,14 +24,16 @@ for a in "$@"; do
   prev=$a
 done
 mkdir -p "$logdir"
-hybridlm_cmd=${HYBRIDLM:-hybridlm}
+# HYBRIDLM: how to run hybridlm, e.g. "python -m hybridlm.cli" from a checkout
+read -r -a hybridlm_cmd <<< "${HYBRIDLM:-hybridlm}"
 pids=()
+# shellcheck disable=SC2317  # called by the trap
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 for ((i = 0; i < n; i++)); do
   env XLA_FLAGS="--xla_force_host_platform_device_count=$per ${XLA_FLAGS:-}" \
       JAX_PLATFORMS=cpu \
-      $hybridlm_cmd "$@" --coordinator "127.0.0.1:$port" --num_processes "$n" \
+      "${hybridlm_cmd[@]}" "$@" --coordinator "127.0.0.1:$port" --num_processes "$n" \
       --process_id "$i" > >(if [ "$i" = 0 ]; then cat; else cat > "$logdir/process_$i.log"; fi) 2>&1 &
   pids+=($!)
 done

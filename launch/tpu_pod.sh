@@ -12,17 +12,18 @@ if [ $# -lt 3 ]; then
   echo "usage: $0 setup|run TPU_NAME ZONE [hybridlm command and flags]" >&2; exit 2
 fi
 mode=$1 tpu=$2 zone=$3; shift 3
-project=${PROJECT:+--project=$PROJECT}
+project=()
+if [ -n "${PROJECT:-}" ]; then project=(--project="$PROJECT"); fi
 remote_dir=${REMOTE_DIR:-hybridlm}
 port=${PORT:-12357}
-ssh_all() { gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" $project --worker=all --command "$1"; }
+ssh_all() { gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" "${project[@]}" --worker=all --command "$1"; }
 case "$mode" in
   setup)
-    gcloud compute tpus tpu-vm scp --recurse --worker=all --zone "$zone" $project . "$tpu:~/$remote_dir"
+    gcloud compute tpus tpu-vm scp --recurse --worker=all --zone "$zone" "${project[@]}" . "$tpu:~/$remote_dir"
     ssh_all "cd ~/$remote_dir && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[tpu]'"
     ;;
   run)
-    ips=$(gcloud compute tpus tpu-vm describe "$tpu" --zone "$zone" $project \
+    ips=$(gcloud compute tpus tpu-vm describe "$tpu" --zone "$zone" "${project[@]}" \
           --format='value(networkEndpoints[].ipAddress)' | tr ';' ' ')
     read -r -a workers <<< "$ips"
     n=${#workers[@]}

@@ -1,8 +1,8 @@
 """The paper's grid: variants x training sequence lengths, tokens per step held constant.
 
-    hybridlm sweep --sweep configs/sweeps/context_length.py --launcher print --workdir runs/ctx
-    hybridlm sweep --sweep configs/sweeps/context_length.py:variants=rope+rnope_swa,lengths=4096+8192,size=small \
-        --launcher local --workdir runs/ctx
+    hybridlm sweep --sweep configs/sweeps/context_length.py --launcher print --root runs/ctx
+    hybridlm sweep --launcher local --root runs/ctx \
+      --sweep configs/sweeps/context_length.py:variants=rope+rnope_swa,lengths=1024+2048,size=small
 
 Arguments (lists are '+'-separated): variants, lengths, size, tokens_per_step, steps, window.
 """
