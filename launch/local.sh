@@ -30,8 +30,10 @@ pids=()
 # shellcheck disable=SC2317  # called by the trap
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
+# drop a device count from the caller's XLA_FLAGS (the last one given would win)
+other_flags=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
 for ((i = 0; i < n; i++)); do
-  env XLA_FLAGS="--xla_force_host_platform_device_count=$per ${XLA_FLAGS:-}" \
+  env XLA_FLAGS="--xla_force_host_platform_device_count=$per $other_flags" \
       JAX_PLATFORMS=cpu \
       "${hybridlm_cmd[@]}" "$@" --coordinator "127.0.0.1:$port" --num_processes "$n" \
       --process_id "$i" > >(if [ "$i" = 0 ]; then cat; else cat > "$logdir/process_$i.log"; fi) 2>&1 &
