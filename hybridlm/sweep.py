@@ -15,6 +15,7 @@ import importlib.util
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,17 +106,33 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = ()) -> int:
             continue
         print(f"[{i + 1}/{len(points)}] {point['name']}: running", flush=True)
         cmd = command(point, root, extra)
-        result = subprocess.run([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
-        if result.returncode != 0:
-            print(f"sweep: point {point['name']} failed with status {result.returncode}; "
+        returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
+        if returncode != 0:
+            print(f"sweep: point {point['name']} failed with status {returncode}; "
                   "rerun the same command to resume it", file=sys.stderr)
-            return result.returncode
+            return returncode
         if not is_finished(workdir):  # e.g. stopped by SIGTERM after saving a checkpoint
             print(f"sweep: point {point['name']} stopped before its train.steps; rerun the "
                   "same command to resume it", file=sys.stderr)
             return 1
     print(f"sweep: all {len(points)} points finished under {root}", flush=True)
     return 0
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run one point; SIGTERM/SIGINT sent to the sweep go to the point's training run (which
+    saves a checkpoint and exits), and the sweep waits for it instead of orphaning it."""
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _submit_slurm(points, root: Path, extra) -> int:

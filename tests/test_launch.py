@@ -119,15 +119,28 @@ def test_preflight_fingerprints_differ_for_different_configs():
     assert not (distributed.fingerprint(a) == distributed.fingerprint(b)).all()
 
 
-def global_batches(cfg, processes: int):
+class GlobalBatches:
     """The global batches that `processes` processes read together (each reads its own
     slice of the data and packs it), as one process sees them: their rows stacked."""
-    from hybridlm.data.pipeline import make_train_iterator
 
-    iterators = [make_train_iterator(cfg, i, processes) for i in range(processes)]
-    while True:
-        parts = [next(it) for it in iterators]
-        yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def __init__(self, cfg, processes: int):
+        from hybridlm.data.pipeline import make_train_iterator
+
+        self.iterators = [make_train_iterator(cfg, i, processes) for i in range(processes)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> list:
+        return [it.get_state() for it in self.iterators]
+
+    def set_state(self, state: list) -> None:
+        for it, s in zip(self.iterators, state, strict=True):
+            it.set_state(s)
 
 
 # ---- real processes ---------------------------------------------------------------------
@@ -152,25 +165,38 @@ def test_a_lone_process_fails_fast_naming_what_is_missing(tmp_path):
 def test_local_sh_two_processes_train_like_one(corpus, tmp_path):
     """launch/local.sh 2 train (2 processes x 4 CPU devices, batches, parameters and
     optimizer state split over both) logs the same losses as 1 process x 8 devices fed the
-    same global batches."""
+    same global batches, and its checkpoint (each process wrote its shards) restores in one
+    process to the same parameters."""
+    import jax
+    from flax import nnx
+
+    from hybridlm.train.checkpoint import load_model
     from hybridlm.train.trainer import train
 
     overrides = [*TINY, *data_overrides(corpus), "train.steps=4", "mesh.data=2",
                  "mesh.fsdp=2", "mesh.tensor=2"]
-    workdir = tmp_path / "two"
+    two = tmp_path / "two"
     result = subprocess.run(
         ["bash", "launch/local.sh", "2", "train", "--config", TINY_SPEC, *flags(overrides),
-         "--workdir", str(workdir)],
+         "--workdir", str(two)],
         cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    two = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     cfg = config_lib.load(TINY_SPEC, overrides)
-    one = train(cfg, tmp_path / "one", train_iter=global_batches(cfg, processes=2))
-    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    one = train(cfg, tmp_path / "one", train_iter=GlobalBatches(cfg, processes=2))
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=2e-5)
+        np.testing.assert_allclose([r[key] for r in logged], [r[key] for r in one], rtol=2e-5)
     assert one[-1]["loss"] != one[0]["loss"], "the run must change the parameters"
+
+    restored_cfg, model, step = load_model(two)  # this test's single process
+    assert step == 4 and restored_cfg.mesh.tensor == 2
+    _, reference, _ = load_model(tmp_path / "one")
+    got, want = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(reference))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
