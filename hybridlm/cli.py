@@ -105,10 +105,11 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    distributed.start(args, config_lib.to_json(cfg))  # before anything touches a device
+    joined = distributed.start(args, config_lib.to_json(cfg))  # before touching a device
     from hybridlm.train.trainer import NonFiniteLoss, train  # heavy imports after validation
 
-    print(f"training {args.config} in {workdir}", flush=True)
+    if joined.process_id == 0:
+        print(f"training {args.config} in {workdir}", flush=True)
     try:
         train(cfg, workdir)
     except NonFiniteLoss as e:

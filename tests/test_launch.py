@@ -229,3 +229,21 @@ def test_when_one_process_dies_the_other_exits_with_an_error(corpus, tmp_path):
     # Whichever notices first: the coordination service (process 1 stopped sending
     # heartbeats) or the collective that process 1 left half done (gloo on CPU).
     assert "stopped sending heartbeats" in err or "gloo" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_processes_with_different_configs_stop_before_compiling(tmp_path):
+    """The preflight: process 1 was given another train.steps; both exit 1 naming it."""
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "hybridlm.cli", "train", "--config", TINY_SPEC,
+         *flags([*TINY, f"train.steps={3 + i}"]), "--workdir", str(tmp_path / "w"),
+         "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id",
+         str(i), "--distributed_timeout_s", "300"],
+        cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outputs]
+    assert "processes [1] run a different resolved config than process 0" in outputs[0][1]
+    assert "processes [0] run a different resolved config than process 1" in outputs[1][1]
+    assert not (tmp_path / "w").exists(), "nothing was written"
