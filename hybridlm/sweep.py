@@ -136,10 +136,14 @@ def run_forwarding_signals(cmd: list[str]) -> int:
 
 
 def _submit_slurm(points, root: Path, extra) -> int:
-    lines = ["#!/usr/bin/env bash", f"#SBATCH --array=0-{len(points) - 1}",
+    # sbatch's own SBATCH_* variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, ...) add resources;
+    # SIGTERM three minutes before the limit (B: the batch shell, which exec makes the
+    # training process): the point saves, and a resubmission resumes it
+    lines = ["#!/usr/bin/env bash", "#SBATCH --job-name=hybridlm-sweep",
+             f"#SBATCH --array=0-{len(points) - 1}", "#SBATCH --signal=B:TERM@180",
              f"#SBATCH --output={root}/%x-%A_%a.out", "set -euo pipefail",
              "cmds=("] + [f"  {shlex.quote(shlex.join(command(p, root, extra)))}" for p in points]
-    lines += [")", 'eval "${cmds[$SLURM_ARRAY_TASK_ID]}"']
+    lines += [")", 'eval "exec ${cmds[$SLURM_ARRAY_TASK_ID]}"']
     script = root / "sweep.sbatch"
     script.write_text("\n".join(lines) + "\n")
     print(f"wrote {script}; submitting with sbatch", flush=True)

@@ -185,7 +185,9 @@ def test_local_sh_two_processes_train_like_one(corpus, tmp_path):
     logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     cfg = config_lib.load(TINY_SPEC, overrides)
     one = train(cfg, tmp_path / "one", train_iter=GlobalBatches(cfg, processes=2))
-    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4], "process 0 alone writes metrics"
+    assert len(list((two / "tb").glob("events.out.tfevents*"))) == 1, "and TensorBoard"
+    assert "2 process(es)" not in (two / "process_1.log").read_text(), "process 1 is quiet"
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in logged], [r[key] for r in one], rtol=2e-5)
     assert one[-1]["loss"] != one[0]["loss"], "the run must change the parameters"

@@ -5,12 +5,16 @@ only decides how to call it, in this order:
 
 1. explicit flags: `--coordinator host:port --num_processes N --process_id i`
 2. SLURM: `SLURM_NTASKS` > 1 -> coordinator = first host of the step's node list
-3. Cloud TPU VM pod: JAX's own TPU detection (TPU_WORKER_HOSTNAMES / metadata server)
+3. Cloud TPU VM pod: `TPU_WORKER_HOSTNAMES` lists several workers -> worker 0, and this
+   process is `TPU_WORKER_ID`
 4. otherwise a single process: nothing to do
+
+Commands call `add_cli_flags(parser)` and then `start(args, resolved_config_json)`, which
+joins and runs `preflight` (same JAX version and resolved config on every process).
 
 The coordinator port is always explicit (`DEFAULT_PORT` unless given): a changed default
 port once broke TPU pods. Start-up fails within `timeout_s` with a message naming what is
-missing, and a process that stops sending heartbeats brings the others down after
+missing (exit status 1), and a process that stops sending heartbeats brings the others down after
 `heartbeat_s` instead of leaving them hanging in a collective.
 """
 
