@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -212,9 +213,9 @@ def _plot(rows: dict[str, dict[str, Any]], out: Path, spec: str) -> None:
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names,
                   rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("loss (nats per token)")
-    ax.set_title(f"sweep {spec}", fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(f"sweep {spec}", 55)), fontsize=8)
     if series:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
