@@ -2,6 +2,7 @@
 
     hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
     hybridlm prepare [--config ...] [--source SPEC] [--tokenizer SPEC] [--out DIR]
+    hybridlm export --workdir DIR [--step N] --out DIR [--format params]
     hybridlm sweep --sweep FILE[:args] --launcher local|slurm|print [--root DIR] [--summarize]
 
 Commands that compute take the multi-host flags (`--coordinator HOST:PORT --num_processes N
@@ -76,8 +77,49 @@ def _parser() -> argparse.ArgumentParser:
                          help="write the prepared directory here instead of the cache (one "
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_export_parser(sub)
     _add_sweep_parser(sub)
     return parser
+
+
+# ---- hybridlm export ------------------------------------------------------------------------
+EXPORT_FORMATS = ("params",)
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export", help="write a run's parameters alone, for evaluation and sharing",
+        description="Export the parameters of a run's latest (or --step) checkpoint, without "
+        "optimizer or data state. `params`: Orbax params/ + config.json + export.json, "
+        "readable by hybridlm.train.checkpoint.load_model and --config.train.init_from. "
+        "See docs/checkpoints.md.")
+    export.add_argument("--workdir", required=True,
+                        help="the run's workdir (or a checkpoints / checkpoint-step directory)")
+    export.add_argument("--step", type=int, default=None,
+                        help="the checkpoint step to export (default: the latest that restores)")
+    export.add_argument("--out", required=True, help="new directory to write")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="params",
+                        help="params: this framework's params-only export (default)")
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    import jax  # heavy imports after the arguments are checked
+    from flax import nnx
+
+    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
+
+    try:
+        cfg, model, step = load_model(Path(args.workdir), args.step)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    export_params(cfg, params, out, step)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    print(f"exported step {step} of {args.workdir} ({count:,} parameters) to {out}")
+    return 0
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -106,7 +148,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
     joined = distributed.start(args, config_lib.to_json(cfg))  # before touching a device
-    from hybridlm.train.trainer import NonFiniteLoss, train  # heavy imports after validation
+    from hybridlm.train.checkpoint import CheckpointError  # heavy imports after validation
+    from hybridlm.train.trainer import NonFiniteLoss, train
 
     if joined.process_id == 0:
         print(f"training {args.config} in {workdir}", flush=True)
@@ -115,6 +158,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except NonFiniteLoss as e:
         print(f"hybridlm: training stopped: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # e.g. a config that changes shapes against the checkpoints
+        raise UserError(str(e)) from None
     return 0
 
 
@@ -164,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if overrides and args.command not in ("train", "prepare", "sweep"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
-        commands = {"train": cmd_train, "prepare": cmd_prepare, "sweep": cmd_sweep}
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
+                    "sweep": cmd_sweep}
         return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)

@@ -12,17 +12,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flax import nnx
 
-from hybridlm.config import REPO_ROOT
+from hybridlm.config import REPO_ROOT, load
+from hybridlm.data.pipeline import make_train_iterator
+from hybridlm.model import Transformer
+from hybridlm.train.checkpoint import load_model
+from hybridlm.train.state import abstract_model
+from hybridlm.train.step import loss_sums
+from hybridlm.train.trainer import contract, train
 
 STEPS = 24
+OVERRIDES = ["model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8",
+             "model.mlp_dim=64", "model.vocab_size=300", "model.attention_impl=dense",
+             "train.batch_size=4", "train.warmup_steps=2", "log.every=1", "eval.steps=0",
+             "checkpoint.every=1", "checkpoint.keep=2"]
 RUN = ["--config", "configs/paper.py:variant=rnope_swa,window=5,seq_len=16",
-       "--config.model.d_model=32", "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
-       "--config.model.head_dim=8", "--config.model.mlp_dim=64", "--config.model.vocab_size=300",
-       "--config.model.attention_impl=dense", "--config.train.batch_size=4",
-       "--config.train.warmup_steps=2", f"--config.train.steps={STEPS}", "--config.log.every=1",
-       "--config.eval.steps=0", "--config.checkpoint.every=1", "--config.checkpoint.keep=2"]
+       f"--config.train.steps={STEPS}", *(f"--config.{o}" for o in OVERRIDES)]
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +107,33 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_the_same(reference, 
     assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
     finish(workdir)
     assert losses(workdir) == reference[1], f"stopped after step {step}"
+
+
+def mean_loss(params, graphdef, batch) -> float:
+    _, (ce_sum, weight_sum) = loss_sums(params, graphdef, contract(batch))
+    return float(ce_sum / weight_sum)
+
+
+def test_init_from_into_4x_seq_len_and_another_theta_trains(reference, tmp_path, devices,
+                                                           capsys):
+    """The paper's recipe: a new stage at a longer context with another RoPE theta."""
+    source, _ = reference
+    stage = load("configs/paper.py:variant=rnope_swa,window=8,seq_len=64,theta=500000.0",
+                 [*OVERRIDES, "train.steps=3", f"train.init_from={source}",
+                  "checkpoint.enabled=False"])
+    history = train(stage, tmp_path / "stage", devices=devices[:1])
+    assert all(np.isfinite(row["loss"]) for row in history)
+    assert f"new stage: params from {source}/checkpoints/{STEPS}" in capsys.readouterr().out
+
+    # Oracle for the first step's loss: the source's parameters in the stage's model, and a
+    # fresh init of the same model, on the stage's first batch.
+    batch = next(make_train_iterator(stage, 0, 1))
+    graphdef, _ = abstract_model(stage.model.to_dict(), stage.train.seed)
+    _, source_model, _ = load_model(source)
+    loaded = nnx.to_pure_dict(nnx.state(source_model, nnx.Param))
+    with nnx.use_eager_sharding(False):
+        fresh = nnx.to_pure_dict(nnx.state(Transformer(stage.model.to_dict(),
+                                                       rngs=nnx.Rngs(params=0)), nnx.Param))
+    first = history[0]["loss"]
+    np.testing.assert_allclose(first, mean_loss(loaded, graphdef, batch), rtol=1e-5)
+    assert first < mean_loss(fresh, graphdef, batch) - 0.5
