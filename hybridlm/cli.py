@@ -3,6 +3,10 @@
     hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
     hybridlm prepare [--config ...] [--source SPEC] [--tokenizer SPEC] [--out DIR]
     hybridlm export --workdir DIR [--step N] --out DIR [--format params]
+    hybridlm sweep --sweep FILE[:args] --launcher local|slurm|print [--root DIR] [--summarize]
+
+Commands that compute take the multi-host flags (`--coordinator HOST:PORT --num_processes N
+--process_id I`, see hybridlm/parallel/distributed.py and docs/launching.md).
 
 A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
 never a traceback.
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from hybridlm import config as config_lib
+from hybridlm.parallel import distributed
 
 
 class UserError(Exception):
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", default=None,
                        help="where the run writes config.json, metrics.jsonl, tb/ "
                        "(default runs/<config name>)")
+    distributed.add_cli_flags(train)
     prepare = sub.add_parser(
         "prepare", help="tokenise data.source into ArrayRecord shards plus a manifest",
         description="Tokenise the config's data.source with data.tokenizer into ArrayRecord "
@@ -72,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_export_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -140,10 +147,12 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
+    joined = distributed.start(args, config_lib.to_json(cfg))  # before touching a device
     from hybridlm.train.checkpoint import CheckpointError  # heavy imports after validation
     from hybridlm.train.trainer import NonFiniteLoss, train
 
-    print(f"training {args.config} in {workdir}", flush=True)
+    if joined.process_id == 0:
+        print(f"training {args.config} in {workdir}", flush=True)
     try:
         train(cfg, workdir)
     except NonFiniteLoss as e:
@@ -154,18 +163,61 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# ---- sweep -------------------------------------------------------------------------
+
+def _add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="run, print or summarise a sweep (one training run per point)",
+        description="Each point of a sweep file's get_sweep(arg) trains in <root>/<point name>. "
+        "--config.a.b=value overrides apply to every point. Finished points are skipped and "
+        "interrupted ones resume; see docs/launching.md.")
+    sweep.add_argument("--sweep", required=True,
+                       help="sweep file with get_sweep(arg), as FILE or FILE:args "
+                       "(e.g. configs/sweeps/context_length.py:lengths=4096+8192)")
+    sweep.add_argument("--launcher", choices=("local", "slurm", "print"), default=None,
+                       help="local: run the points here one after another; slurm: submit a "
+                       "job array; print: write the commands")
+    sweep.add_argument("--root", default=None,
+                       help="the sweep's directory: one workdir per point, sweep.json, the "
+                       "summary (default runs/<sweep file name>)")
+    sweep.add_argument("--summarize", action="store_true",
+                       help="gather every point's final metrics and eval results into "
+                       "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
+                       "both are given)")
+
+
+def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hybridlm import sweep
+
+    if args.launcher is None and not args.summarize:
+        raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize, or both")
+    root = Path(args.root or Path("runs") / Path(args.sweep.partition(":")[0]).stem)
+    extra = [f"--config.{o}" for o in overrides]
+    if args.launcher is not None:
+        status = sweep.run(args.sweep, args.launcher, root, extra)
+        if status != 0:
+            return status
+    if args.summarize:
+        print(f"wrote {sweep.summarize(args.sweep, root)} (and .csv, .png)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "prepare"):
+        if overrides and args.command not in ("train", "prepare", "sweep"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
-        commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export}
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
+                    "sweep": cmd_sweep}
         return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as e:
+        print(f"hybridlm: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

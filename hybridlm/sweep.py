@@ -1,0 +1,227 @@
+"""Sweeps: a list of points, each a config plus overrides, run into its own workdir.
+
+A sweep file has `get_sweep(arg) -> list[dict]`; each dict has `config` (a config spec such
+as `configs/paper.py:variant=rope`), optionally `name`, and `section.field: value`
+overrides. Launchers:
+  print  write the commands (one per line) and do nothing else
+  local  run the points one after another here; finished points are skipped and
+         interrupted ones resume from their checkpoints
+  slurm  write a job-array script (one array task per point) and submit it with sbatch
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from hybridlm import config as config_lib
+from hybridlm.config import ConfigError, resolve_config_path
+
+
+def load_sweep(spec: str) -> list[dict[str, Any]]:
+    path_str, _, arg = spec.partition(":")
+    path = resolve_config_path(path_str)
+    module_spec = importlib.util.spec_from_file_location(f"hybridlm_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"sweep file {path} has no get_sweep(arg) function")
+    points = module.get_sweep(arg or None)
+    if not isinstance(points, list) or not points:
+        raise ConfigError(f"{path}: get_sweep must return a non-empty list of dicts")
+    names = set()
+    for i, point in enumerate(points):
+        if not isinstance(point, dict) or "config" not in point:
+            raise ConfigError(f"{path}: sweep point {i} must be a dict with a 'config' key")
+        point.setdefault("name", point_name(point))
+        if point["name"] in names:
+            raise ConfigError(f"{path}: two sweep points are named {point['name']!r}")
+        names.add(point["name"])
+    return points
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A workdir-safe name from a point's config argument and overrides."""
+    parts = [point["config"].partition(":")[2]] + [
+        f"{k.split('.')[-1]}={v}" for k, v in point.items() if k not in ("config", "name")]
+    return re.sub(r"[^A-Za-z0-9=._+-]+", "_", ",".join(p for p in parts if p)) or "point"
+
+
+def command(point: dict[str, Any], root: Path, extra: list[str] = ()) -> list[str]:
+    cmd = ["hybridlm", "train", "--config", point["config"], "--workdir",
+           str(root / point["name"])]
+    cmd += [f"--config.{o}" for o in overrides(point)]
+    return cmd + list(extra)
+
+
+def is_finished(workdir: Path) -> bool:
+    """A point is done when its metrics reached the resolved config's train.steps."""
+    config, metrics = workdir / "config.json", workdir / "metrics.jsonl"
+    if not config.exists() or not metrics.exists():
+        return False
+    steps = json.loads(config.read_text())["train"]["steps"]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return bool(lines) and lines[-1].get("step", -1) >= steps
+
+
+def overrides(point: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in point.items() if k not in ("config", "name")]
+
+
+def check_points(points: list[dict[str, Any]], extra: list[str] = ()) -> None:
+    """Every point's config must load (and validate) before the first one starts."""
+    shared = [e.removeprefix("--config.") for e in extra if e.startswith("--config.")]
+    for point in points:
+        try:
+            config_lib.load(point["config"], overrides(point) + shared)
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {point['name']!r}: {e}") from None
+
+
+def run(spec: str, launcher: str, root: Path, extra: list[str] = ()) -> int:
+    """Run (local), submit (slurm) or print the points' training commands."""
+    if launcher not in ("local", "slurm", "print"):
+        raise ConfigError(f"--launcher {launcher!r}: choose local, slurm or print")
+    points = load_sweep(spec)
+    check_points(points, extra)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points}, indent=2))
+    if launcher == "print":
+        for point in points:
+            print(shlex.join(command(point, root, extra)))
+        return 0
+    if launcher == "slurm":
+        return _submit_slurm(points, root, extra)
+    for i, point in enumerate(points):
+        workdir = root / point["name"]
+        if is_finished(workdir):
+            print(f"[{i + 1}/{len(points)}] {point['name']}: finished, skipped", flush=True)
+            continue
+        print(f"[{i + 1}/{len(points)}] {point['name']}: running", flush=True)
+        cmd = command(point, root, extra)
+        returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
+        if returncode != 0:
+            print(f"sweep: point {point['name']} failed with status {returncode}; "
+                  "rerun the same command to resume it", file=sys.stderr)
+            return returncode
+        if not is_finished(workdir):  # e.g. stopped by SIGTERM after saving a checkpoint
+            print(f"sweep: point {point['name']} stopped before its train.steps; rerun the "
+                  "same command to resume it", file=sys.stderr)
+            return 1
+    print(f"sweep: all {len(points)} points finished under {root}", flush=True)
+    return 0
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run one point; SIGTERM/SIGINT sent to the sweep go to the point's training run (which
+    saves a checkpoint and exits), and the sweep waits for it instead of orphaning it."""
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _submit_slurm(points, root: Path, extra) -> int:
+    # sbatch's own SBATCH_* variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, ...) add resources;
+    # SIGTERM three minutes before the limit (B: the batch shell, which exec makes the
+    # training process): the point saves, and a resubmission resumes it
+    lines = ["#!/usr/bin/env bash", "#SBATCH --job-name=hybridlm-sweep",
+             f"#SBATCH --array=0-{len(points) - 1}", "#SBATCH --signal=B:TERM@180",
+             f"#SBATCH --output={root}/%x-%A_%a.out", "set -euo pipefail",
+             "cmds=("] + [f"  {shlex.quote(shlex.join(command(p, root, extra)))}" for p in points]
+    lines += [")", 'eval "exec ${cmds[$SLURM_ARRAY_TASK_ID]}"']
+    script = root / "sweep.sbatch"
+    script.write_text("\n".join(lines) + "\n")
+    print(f"wrote {script}; submitting with sbatch", flush=True)
+    try:
+        return subprocess.run(["sbatch", str(script)]).returncode
+    except FileNotFoundError:
+        raise ConfigError(f"sbatch not found; submit {script} on the cluster yourself") from None
+
+
+def point_summary(workdir: Path) -> dict[str, Any]:
+    """Final training metrics and every eval result's `summary` scalars of one point."""
+    row: dict[str, Any] = {}
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if lines:
+            last = lines[-1]
+            row.update({k: last.get(k) for k in ("step", "loss", "tokens_per_s")})
+            vals = [x["val_loss"] for x in lines if x.get("val_loss") is not None]
+            row["val_loss"] = vals[-1] if vals else None
+    for result in sorted((workdir / "eval").glob("*.json")):
+        data = json.loads(result.read_text())
+        scalars = {**data, **data.get("summary", {})} if isinstance(data, dict) else {}
+        row.update({f"{result.stem}/{k}": v for k, v in scalars.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return row
+
+
+def summarize(spec: str, root: Path) -> Path:
+    """summary.md, summary.csv and summary.png under root; returns the markdown path."""
+    import csv
+
+    points = load_sweep(spec)
+    rows = {p["name"]: point_summary(root / p["name"]) for p in points}
+    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: ("/" in k, k))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["point", *columns])
+        for name, r in rows.items():
+            writer.writerow([name, *(r.get(c, "") for c in columns)])
+    md = [f"Sweep `{spec}`: the last logged training step of each point (`-`: none yet).", "",
+          "| point | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    md += [f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in columns) + " |"
+           for name, r in rows.items()]
+    (root / "summary.md").write_text("\n".join(md) + "\n")
+    _plot(rows, root / "summary.png", spec)
+    return root / "summary.md"
+
+
+def _plot(rows: dict[str, dict[str, Any]], out: Path, spec: str) -> None:
+    """Final training loss (and validation loss where there is one) per point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    series = [c for c in ("loss", "val_loss") if any(rows[n].get(c) is not None for n in names)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(names) + 2), 3.5))
+    width = 0.8 / max(len(series), 1)
+    for j, column in enumerate(series):
+        values = [rows[n].get(column) for n in names]
+        ax.bar([i + j * width for i in range(len(names))],
+               [float("nan") if v is None else v for v in values], width, label=column)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names,
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("\n".join(textwrap.wrap(f"sweep {spec}", 55)), fontsize=8)
+    if series:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,160 @@
+"""Sweeps: the context-length grid, the print/slurm launchers, and a real local sweep that is
+interrupted, rerun (only the unfinished points run; the interrupted one resumes from its
+checkpoint) and summarised."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hybridlm import cli, sweep
+from hybridlm.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = "configs/sweeps/context_length.py"
+
+
+def test_the_grid_keeps_tokens_per_step_constant():
+    points = sweep.load_sweep(f"{GRID}:variants=rope+rnope_swa,lengths=4096+16384+65536")
+    assert [p["name"] for p in points] == ["rope_4096", "rope_16384", "rope_65536",
+                                           "rnope_swa_4096", "rnope_swa_16384",
+                                           "rnope_swa_65536"]
+    for p in points:
+        seq_len = int(p["name"].rsplit("_", 1)[1])
+        assert f"seq_len={seq_len}" in p["config"]
+        assert p["train.batch_size"] * seq_len == 1_048_576
+
+
+def test_the_default_grid_is_the_papers():
+    points = sweep.load_sweep(GRID)
+    assert len(points) == 5 * 5
+    assert {p["name"].rsplit("_", 1)[1] for p in points} == {"4096", "8192", "16384", "32768",
+                                                             "65536"}
+
+
+def test_print_writes_one_command_per_point(tmp_path, capsys):
+    status = cli.main(["sweep", "--sweep", f"{GRID}:variants=rope,lengths=4096+8192",
+                       "--launcher", "print", "--root", str(tmp_path),
+                       "--config.log.every=5"])
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"hybridlm train --config configs/paper.py:variant=rope,size=1b,seq_len={n},"
+        f"window=4096 --workdir {tmp_path}/rope_{n} --config.train.batch_size={1048576 // n} "
+        f"--config.train.steps=10000 --config.log.every=5" for n in (4096, 8192)]
+
+
+def test_a_bad_point_is_named_before_anything_runs(tmp_path, capsys):
+    status = cli.main(["sweep", "--sweep", f"{GRID}:variants=rope+nosuch,lengths=4096",
+                       "--launcher", "local", "--root", str(tmp_path / "s")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "sweep point 'nosuch_4096'" in err and "nosuch" in err
+    assert not (tmp_path / "s" / "rope_4096").exists(), "no point ran"
+
+
+def test_slurm_writes_a_job_array_and_submits_it(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/submitted\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    root = tmp_path / "s"
+    assert sweep.run(f"{GRID}:variants=rope,lengths=4096+8192+16384", "slurm", root) == 0
+    script = root / "sweep.sbatch"
+    assert (tmp_path / "submitted").read_text().split() == [str(script)]
+    text = script.read_text()
+    assert "#SBATCH --array=0-2" in text and text.count("hybridlm train") == 3
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # array task 1 runs the second point (a stand-in `hybridlm` echoes its arguments)
+    (bin_dir / "hybridlm").write_text("#!/bin/sh\necho \"$@\"\n")
+    (bin_dir / "hybridlm").chmod(0o755)
+    task = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                          env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
+    assert task.returncode == 0, task.stderr
+    assert task.stdout.split() == sweep.command(sweep.load_sweep(
+        f"{GRID}:variants=rope,lengths=4096+8192+16384")[1], root)[1:]
+    assert f"--workdir {root}/rope_8192" in task.stdout
+
+
+def test_unknown_launcher_and_missing_action_are_user_errors(tmp_path, capsys):
+    assert cli.main(["sweep", "--sweep", GRID, "--root", str(tmp_path)]) == 2
+    assert "--launcher" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="choose local, slurm or print"):
+        sweep.run(GRID, "ssh", tmp_path)
+
+
+# ---- a real sweep ---------------------------------------------------------------------
+
+SHARED = ["model.num_layers=1", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
+          "model.head_dim=8", "model.mlp_dim=64", "model.vocab_size=300",
+          "model.attention_impl=dense", "train.warmup_steps=2", "log.every=1", "eval.steps=0",
+          "checkpoint.every=0"]
+STEPS = 100
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("textwrap", "shlex", "csv", "fractions", "glob", "heapq"):
+        (corpus / f"{name}.py").write_text(Path(__import__(name).__file__).read_text())
+    root = tmp_path / "sweep"
+    spec = f"{GRID}:variants=rope,lengths=16+32+64,size=tiny,tokens_per_step=256,steps={STEPS}"
+    argv = [sys.executable, "-m", "hybridlm.cli", "sweep", "--sweep", spec, "--launcher",
+            "local", "--root", str(root),
+            *[f"--config.{o}" for o in [*SHARED, f"data.source={corpus}",
+                                        f"data.cache_dir={tmp_path / 'cache'}"]]]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    names = ["rope_16", "rope_32", "rope_64"]  # one-layer models: the cheapest compiles
+
+    # 1st run: SIGTERM to the sweep while the second point trains
+    with open(tmp_path / "run1.log", "w") as log:
+        first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not ((root / names[1] / "metrics.jsonl").exists()
+                   and metrics(root / names[1])):
+            assert first.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second point never started training"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 1
+    assert [r["step"] for r in metrics(root / names[0])][-1] == STEPS
+    stopped_at = metrics(root / names[1])[-1]["step"]
+    assert 0 < stopped_at < STEPS, "the signal must land mid-run"
+    assert (root / names[1] / "checkpoints" / str(stopped_at)).is_dir()
+    assert not (root / names[2]).exists()
+    finished_before = (root / names[0] / "metrics.jsonl").read_bytes()
+
+    # 2nd run: the first point is skipped, the second resumes, the third runs; then summary
+    rerun = subprocess.run([*argv, "--summarize"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    out = rerun.stdout
+    assert f"[1/3] {names[0]}: finished, skipped" in out
+    assert f"[2/3] {names[1]}: running" in out and f"resuming at step {stopped_at}" in out
+    assert f"[3/3] {names[2]}: running" in out and out.count("starting at step 0") == 1
+    assert (root / names[0] / "metrics.jsonl").read_bytes() == finished_before
+    for name in names:
+        assert [r["step"] for r in metrics(root / name)] == list(range(1, STEPS + 1))
+
+    with open(root / "summary.csv") as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert list(rows) == names
+    for name in names:
+        last = metrics(root / name)[-1]
+        assert float(rows[name]["loss"]) == pytest.approx(last["loss"], rel=1e-12)
+        assert int(rows[name]["step"]) == STEPS
+    md = (root / "summary.md").read_text()
+    assert all(f"| {name} |" in md for name in names)
+    assert (root / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
