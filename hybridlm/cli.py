@@ -70,7 +70,66 @@ def _parser() -> argparse.ArgumentParser:
                          help="write the prepared directory here instead of the cache (one "
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_interop_parsers(sub)
     return parser
+
+
+# ---- export / import (docs/interop.md) ----------------------------------------------------
+def _add_interop_parsers(sub) -> None:
+    export = sub.add_parser(
+        "export", help="write a run's parameters for other tools (hf: a transformers checkpoint)",
+        description="Export a run's checkpoint. --format hf writes config.json + "
+        "model.safetensors (+ tokenizer files) that transformers loads offline with "
+        "AutoModelForCausalLM.from_pretrained(OUT), as Cohere2ForCausalLM, SmolLM3ForCausalLM "
+        "or Llama4ForCausalLM: whichever computes exactly what the model computes; a model "
+        "none of them matches is refused with the fields that differ. --format params writes "
+        "a params-only hybridlm export (what train.init_from reads).")
+    export.add_argument("--workdir", required=True,
+                        help="the run's workdir (or a params-only export directory)")
+    export.add_argument("--step", type=int, default=None,
+                        help="checkpoint step (default: the latest complete one)")
+    export.add_argument("--format", choices=("params", "hf"), default="params",
+                        help="params (hybridlm, Orbax) | hf (Hugging Face transformers)")
+    export.add_argument("--arch", choices=("auto", "cohere2", "smollm3", "llama4"),
+                        default="auto", help="--format hf: the HF architecture (default: the "
+                        "one that matches exactly)")
+    export.add_argument("--out", required=True, help="new (or empty) output directory")
+    imp = sub.add_parser(
+        "import", help="a Hugging Face checkpoint directory -> a hybridlm params export",
+        description="Read a transformers checkpoint directory (Cohere2, SmolLM3, or dense "
+        "Llama 4 text; config.json + safetensors, offline) into a params-only hybridlm export "
+        "with its resolved config: continue training it with --config.train.init_from=OUT.")
+    imp.add_argument("--from", dest="source", required=True, help="HF checkpoint directory")
+    imp.add_argument("--out", required=True, help="new (or empty) output directory")
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
+
+    try:
+        if args.format == "hf":
+            from hybridlm.interop.hf import export_hf
+
+            arch = export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
+            print(f"exported {args.workdir} as {arch} to {args.out}")
+            return 0
+        cfg, model, step = load_model(Path(args.workdir), args.step)
+        from flax import nnx
+
+        export_params(cfg, nnx.state(model, nnx.Param), Path(args.out), step)
+        print(f"exported step {step} of {args.workdir} to {args.out}")
+        return 0
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hybridlm.interop.hf import import_hf
+
+    arch, _ = import_hf(Path(args.source), Path(args.out))
+    print(f"imported {arch} from {args.source} into {args.out}; continue training it with "
+          f"--config.train.init_from={args.out}")
+    return 0
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -116,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if overrides and args.command not in ("train", "prepare"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
-        return {"train": cmd_train, "prepare": cmd_prepare}[args.command](args, overrides)
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
+                    "import": cmd_import}
+        return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 2

@@ -263,7 +263,27 @@ def import_hf(src: Path, out: Path) -> tuple[str, mlc.ConfigDict]:
         cfg.data.tokenizer = str(out / "tokenizer.json")
     export_params(cfg, nnx.state(model, nnx.Param), out)
     copy_tokenizer(Path(src), out)
+    (out / "config.py").write_text(CONFIG_PY.format(src=Path(src).absolute()))
     return arch, cfg
+
+
+CONFIG_PY = '''"""The model imported by `hybridlm import --from {src}`, as a config file.
+
+Continue training it (the parameters come from this directory through train.init_from):
+    hybridlm train --config {{this file}} --workdir RUN [--config.data.seq_len=...]
+"""
+
+from pathlib import Path
+
+from hybridlm.config import from_json
+
+
+def get_config(arg=None):
+    here = Path(__file__).resolve().parent
+    c = from_json((here / "config.json").read_text())
+    c.train.init_from = str(here)
+    return c
+'''
 
 
 def _check_empty(path: Path, flag: str) -> None:
