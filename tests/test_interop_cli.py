@@ -9,9 +9,9 @@ from safetensors.numpy import load_file
 
 from hybridlm import cli
 from hybridlm import config as config_lib
-from hybridlm.model import Transformer
 from hybridlm.train.checkpoint import export_params, load_model
 from tests.helpers import neighbour_model_config, tiny_model_config
+from tests.test_interop_hf import random_model
 
 
 def params_export(model_cfg, out):
@@ -19,7 +19,7 @@ def params_export(model_cfg, out):
     cfg = config_lib.defaults()
     model_cfg.attention_impl = "dense"
     cfg.model = model_cfg
-    model = Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(params=3))
+    model = random_model(cfg.model, seed=3)
     export_params(cfg, nnx.state(model, nnx.Param), out, step=7)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 

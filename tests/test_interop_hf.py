@@ -26,6 +26,7 @@ from hybridlm.config import ConfigError
 from hybridlm.data.tokenizers import ByteTokenizer, HFTokenizer, train_bpe
 from hybridlm.interop import hf, hf_config
 from hybridlm.model import Transformer
+from hybridlm.train.state import abstract_model
 from tests.helpers import neighbour_model_config, tiny_model_config
 
 T = 29  # > window 5 and chunk 6 of the tiny configs: every mask boundary is crossed
@@ -37,6 +38,21 @@ def full_config(model_cfg):
     cfg.model = model_cfg
     cfg.data.seq_len = 64
     return cfg
+
+
+def random_model(model_cfg, seed: int = 0) -> Transformer:
+    """A model with random numpy parameters: N(0, 0.3^2) weights, norm scales 1 + N(0, 0.2^2)
+    (not ones, so a misplaced norm weight shows). No per-op compiles, unlike eager init."""
+    graphdef, state = abstract_model(model_cfg.to_dict())
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        return 1.0 + 0.2 * noise if path[-1].key == "scale" else 0.3 * noise
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
+        draw, nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state)
 
 
 def tiny(name: str, **overrides):
@@ -75,21 +91,27 @@ EXPORTS = {  # case: (model config, the architecture it must export as)
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Each case built once: (config, model, export directory, tokens, hybridlm logits)."""
-    out = {}
-    for case, (make, arch) in EXPORTS.items():
-        cfg = full_config(make())
-        model = Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(params=0))
-        directory = tmp_path_factory.mktemp(case)
-        assert hf.save_hf(cfg, model, directory) == arch
-        tokens = random_tokens(cfg.model.vocab_size)
-        out[case] = (cfg, model, directory, tokens, np.asarray(model(tokens)))
-    return out
+    """case -> (config, model, export directory, tokens, hybridlm logits), each built once
+    per process and only when a test asks for it (xdist workers build what they run)."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            make, arch = EXPORTS[case]
+            cfg = full_config(make())
+            model = random_model(cfg.model)
+            directory = tmp_path_factory.mktemp(case)
+            assert hf.save_hf(cfg, model, directory) == arch
+            tokens = random_tokens(cfg.model.vocab_size)
+            cache[case] = (cfg, model, directory, tokens, np.asarray(model(tokens)))
+        return cache[case]
+
+    return get
 
 
 @pytest.mark.parametrize("case", sorted(EXPORTS))
 def test_export_matches_transformers(case, exported):
-    cfg, _, directory, tokens, ours = exported[case]
+    cfg, _, directory, tokens, ours = exported(case)
     assert np.abs(ours).max() > 1.0  # large enough that a wrong layer would show
     hf_cfg = json.loads((directory / "config.json").read_text())
     assert hf_cfg["architectures"] == [hf_config.ARCHS[EXPORTS[case][1]][0]]
@@ -99,7 +121,7 @@ def test_export_matches_transformers(case, exported):
 
 def test_the_comparison_sees_a_window_off_by_one(exported, tmp_path):
     """The oracle test is sharp: an HF window one key wider differs exactly from position W."""
-    cfg, _, directory, tokens, ours = exported["cohere2_8_layers"]
+    cfg, _, directory, tokens, ours = exported("cohere2_8_layers")
     window = cfg.model.layer_types.local.window
     hf_cfg = json.loads((directory / "config.json").read_text())
     hf_cfg["sliding_window"] = window + 1
@@ -175,7 +197,7 @@ def test_configs_without_an_exact_counterpart_are_refused(name, expected):
 
 def test_a_refused_export_writes_nothing(tmp_path):
     cfg = full_config(tiny_model_config("qknorm", num_layers=1, pattern="global"))
-    model = Transformer(cfg.model.to_dict(), rngs=nnx.Rngs(params=0))
+    model = random_model(cfg.model)
     with pytest.raises(ConfigError, match="qk_norm"):
         hf.save_hf(cfg, model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -208,7 +230,7 @@ def test_imports_that_would_compute_something_else_are_refused(change, message):
 
 
 def test_byte_tokenizer_exports_as_an_equivalent_tokenizer_json(exported):
-    _, _, directory, _, _ = exported["paper_rnope_swa"]
+    _, _, directory, _, _ = exported("paper_rnope_swa")
     tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     text = "naïve 日本 <eos> tabs\tand\nlines"
     assert tok(text)["input_ids"] == ByteTokenizer().encode(text).tolist()
@@ -220,7 +242,7 @@ def test_byte_tokenizer_exports_as_an_equivalent_tokenizer_json(exported):
 def test_a_tokenizer_json_is_copied_and_imported(exported, tmp_path):
     path = tmp_path / "bpe.json"
     train_bpe(["the quick brown fox jumps over the lazy dog"] * 50, 300, path)
-    cfg, model, _, _, _ = exported["cohere2_8_layers"]
+    cfg, model, _, _, _ = exported("paper_rnope_swa")
     cfg = config_lib.from_json(config_lib.to_json(cfg))
     cfg.data.tokenizer = str(path)
     hf.save_hf(cfg, model, tmp_path / "out")
@@ -233,3 +255,20 @@ def test_a_tokenizer_json_is_copied_and_imported(exported, tmp_path):
     assert imported.data.tokenizer == str((tmp_path / "out" / "tokenizer.json").absolute())
     assert imported.data.eos_token == "<|endoftext|>"
     config_lib.validate(imported)
+
+
+def test_bfloat16_and_sharded_checkpoints_are_read_exactly(tmp_path):
+    """Released checkpoints are bf16 and sharded; each value must arrive unchanged."""
+    torch.manual_seed(0)
+    released = transformers.AutoModelForCausalLM.from_config(HF_MODELS["cohere2"]())
+    released = released.to(torch.bfloat16)
+    released.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    tensors = hf.read_tensors(tmp_path)
+    expected = {k: v.float().numpy() for k, v in released.state_dict().items()
+                if k != "lm_head.weight"}  # tied: stored once, as the embedding
+    assert sorted(tensors) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(tensors[key], value, err_msg=key)
+    cfg, _ = hf.load_hf(tmp_path)
+    assert cfg.model.tie_embeddings and cfg.model.logit_scale == 0.25
