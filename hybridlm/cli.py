@@ -98,7 +98,8 @@ def _add_interop_parsers(sub) -> None:
         "import", help="a Hugging Face checkpoint directory -> a hybridlm params export",
         description="Read a transformers checkpoint directory (Cohere2, SmolLM3, or dense "
         "Llama 4 text; config.json + safetensors, offline) into a params-only hybridlm export "
-        "with its resolved config: continue training it with --config.train.init_from=OUT.")
+        "with its resolved config and OUT/config.py: `hybridlm train --config OUT/config.py` "
+        "trains on from it (train.init_from=OUT).")
     imp.add_argument("--from", dest="source", required=True, help="HF checkpoint directory")
     imp.add_argument("--out", required=True, help="new (or empty) output directory")
 
@@ -127,8 +128,8 @@ def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm.interop.hf import import_hf
 
     arch, _ = import_hf(Path(args.source), Path(args.out))
-    print(f"imported {arch} from {args.source} into {args.out}; continue training it with "
-          f"--config.train.init_from={args.out}")
+    print(f"imported {arch} from {args.source} into {args.out}; train on from it with: "
+          f"hybridlm train --config {Path(args.out) / 'config.py'} --workdir RUN")
     return 0
 
 

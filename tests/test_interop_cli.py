@@ -52,6 +52,13 @@ def test_export_import_export_round_trips_through_the_cli(tmp_path, capsys):
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
+    assert cli.main(["export", "--workdir", str(tmp_path / "imported"), "--format", "params",
+                     "--out", str(tmp_path / "params")]) == 0
+    _, again, _ = load_model(tmp_path / "params")
+    for key, value in nnx.traversals.flatten_mapping(
+            nnx.to_pure_dict(nnx.state(again, nnx.Param))).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_a[key]), err_msg=key)
+
     # the config file the import leaves trains on from the imported parameters
     resumed = config_lib.load(str(tmp_path / "imported" / "config.py"))
     assert resumed.train.init_from == str((tmp_path / "imported").resolve())
