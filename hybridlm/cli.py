@@ -2,6 +2,8 @@
 
     hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
     hybridlm prepare [--config ...] [--source SPEC] [--tokenizer SPEC] [--out DIR]
+    hybridlm export --workdir DIR [--step N] --out DIR [--format params|hf] [--arch A]
+    hybridlm import --from HF_DIR --out DIR
 
 A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
 never a traceback.
@@ -70,30 +72,75 @@ def _parser() -> argparse.ArgumentParser:
                          help="write the prepared directory here instead of the cache (one "
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_interop_parsers(sub)
+    _add_export_parser(sub)
+    _add_import_parser(sub)
     return parser
 
 
-# ---- export / import (docs/interop.md) ----------------------------------------------------
-def _add_interop_parsers(sub) -> None:
+# ---- hybridlm export ------------------------------------------------------------------------
+EXPORT_FORMATS = ("params", "hf")
+
+
+def _add_export_parser(sub) -> None:
     export = sub.add_parser(
-        "export", help="write a run's parameters for other tools (hf: a transformers checkpoint)",
-        description="Export a run's checkpoint. --format hf writes config.json + "
-        "model.safetensors (+ tokenizer files) that transformers loads offline with "
-        "AutoModelForCausalLM.from_pretrained(OUT), as Cohere2ForCausalLM, SmolLM3ForCausalLM "
-        "or Llama4ForCausalLM: whichever computes exactly what the model computes; a model "
-        "none of them matches is refused with the fields that differ. --format params writes "
-        "a params-only hybridlm export (what train.init_from reads).")
+        "export", help="write a run's parameters alone, for evaluation and sharing",
+        description="Export the parameters of a run's latest (or --step) checkpoint, without "
+        "optimizer or data state. `params`: Orbax params/ + config.json + export.json, "
+        "readable by hybridlm.train.checkpoint.load_model and --config.train.init_from. "
+        "See docs/checkpoints.md. `hf`: config.json + model.safetensors (+ tokenizer files) "
+        "that transformers loads offline with AutoModelForCausalLM.from_pretrained(OUT), as "
+        "Cohere2ForCausalLM, SmolLM3ForCausalLM or Llama4ForCausalLM, whichever computes "
+        "exactly what the model computes; a model none of them matches is refused with the "
+        "fields that differ (docs/interop.md).")
     export.add_argument("--workdir", required=True,
-                        help="the run's workdir (or a params-only export directory)")
+                        help="the run's workdir (or a checkpoints / checkpoint-step directory)")
     export.add_argument("--step", type=int, default=None,
-                        help="checkpoint step (default: the latest complete one)")
-    export.add_argument("--format", choices=("params", "hf"), default="params",
-                        help="params (hybridlm, Orbax) | hf (Hugging Face transformers)")
+                        help="the checkpoint step to export (default: the latest that restores)")
+    export.add_argument("--out", required=True, help="new directory to write")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="params",
+                        help="params: this framework's params-only export (default); hf: a "
+                        "Hugging Face transformers checkpoint")
     export.add_argument("--arch", choices=("auto", "cohere2", "smollm3", "llama4"),
                         default="auto", help="--format hf: the HF architecture (default: the "
                         "one that matches exactly)")
-    export.add_argument("--out", required=True, help="new (or empty) output directory")
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    if args.format == "hf":
+        return export_hf(args)
+    import jax  # heavy imports after the arguments are checked
+    from flax import nnx
+
+    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
+
+    try:
+        cfg, model, step = load_model(Path(args.workdir), args.step)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    export_params(cfg, params, out, step)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    print(f"exported step {step} of {args.workdir} ({count:,} parameters) to {out}")
+    return 0
+
+
+# ---- Hugging Face: export --format hf, import (docs/interop.md) ----------------------------
+def export_hf(args: argparse.Namespace) -> int:
+    from hybridlm.interop import hf
+    from hybridlm.train.checkpoint import CheckpointError
+
+    try:
+        arch = hf.export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    print(f"exported {args.workdir} as {hf.hf_config.ARCHS[arch][0]} to {args.out}")
+    return 0
+
+
+def _add_import_parser(sub) -> None:
     imp = sub.add_parser(
         "import", help="a Hugging Face checkpoint directory -> a hybridlm params export",
         description="Read a transformers checkpoint directory (Cohere2, SmolLM3, or dense "
@@ -102,26 +149,6 @@ def _add_interop_parsers(sub) -> None:
         "trains on from it (train.init_from=OUT).")
     imp.add_argument("--from", dest="source", required=True, help="HF checkpoint directory")
     imp.add_argument("--out", required=True, help="new (or empty) output directory")
-
-
-def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
-
-    try:
-        if args.format == "hf":
-            from hybridlm.interop.hf import export_hf
-
-            arch = export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
-            print(f"exported {args.workdir} as {arch} to {args.out}")
-            return 0
-        cfg, model, step = load_model(Path(args.workdir), args.step)
-        from flax import nnx
-
-        export_params(cfg, nnx.state(model, nnx.Param), Path(args.out), step)
-        print(f"exported step {step} of {args.workdir} to {args.out}")
-        return 0
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
 
 
 def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -158,7 +185,8 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    from hybridlm.train.trainer import NonFiniteLoss, train  # heavy imports after validation
+    from hybridlm.train.checkpoint import CheckpointError  # heavy imports after validation
+    from hybridlm.train.trainer import NonFiniteLoss, train
 
     print(f"training {args.config} in {workdir}", flush=True)
     try:
@@ -166,6 +194,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except NonFiniteLoss as e:
         print(f"hybridlm: training stopped: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # e.g. a config that changes shapes against the checkpoints
+        raise UserError(str(e)) from None
     return 0
 
 

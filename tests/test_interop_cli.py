@@ -28,7 +28,7 @@ def test_export_import_export_round_trips_through_the_cli(tmp_path, capsys):
     params = params_export(neighbour_model_config("cohere2"), tmp_path / "run")
     assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf",
                      "--out", str(tmp_path / "hf")]) == 0
-    assert "as cohere2" in capsys.readouterr().out
+    assert "as Cohere2ForCausalLM" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
