@@ -2,7 +2,8 @@
 
     hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
     hybridlm prepare [--config ...] [--source SPEC] [--tokenizer SPEC] [--out DIR]
-    hybridlm export --workdir DIR [--step N] --out DIR [--format params]
+    hybridlm export --workdir DIR [--step N] --out DIR [--format params|hf] [--arch A]
+    hybridlm import --from HF_DIR --out DIR
     hybridlm sweep --sweep FILE[:args] --launcher local|slurm|print [--root DIR] [--summarize]
 
 Commands that compute take the multi-host flags (`--coordinator HOST:PORT --num_processes N
@@ -78,12 +79,13 @@ def _parser() -> argparse.ArgumentParser:
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_export_parser(sub)
+    _add_import_parser(sub)
     _add_sweep_parser(sub)
     return parser
 
 
 # ---- hybridlm export ------------------------------------------------------------------------
-EXPORT_FORMATS = ("params",)
+EXPORT_FORMATS = ("params", "hf")
 
 
 def _add_export_parser(sub) -> None:
@@ -92,20 +94,30 @@ def _add_export_parser(sub) -> None:
         description="Export the parameters of a run's latest (or --step) checkpoint, without "
         "optimizer or data state. `params`: Orbax params/ + config.json + export.json, "
         "readable by hybridlm.train.checkpoint.load_model and --config.train.init_from. "
-        "See docs/checkpoints.md.")
+        "See docs/checkpoints.md. `hf`: config.json + model.safetensors (+ tokenizer files) "
+        "that transformers loads offline with AutoModelForCausalLM.from_pretrained(OUT), as "
+        "Cohere2ForCausalLM, SmolLM3ForCausalLM or Llama4ForCausalLM, whichever computes "
+        "exactly what the model computes; a model none of them matches is refused with the "
+        "fields that differ (docs/interop.md).")
     export.add_argument("--workdir", required=True,
                         help="the run's workdir (or a checkpoints / checkpoint-step directory)")
     export.add_argument("--step", type=int, default=None,
                         help="the checkpoint step to export (default: the latest that restores)")
     export.add_argument("--out", required=True, help="new directory to write")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="params",
-                        help="params: this framework's params-only export (default)")
+                        help="params: this framework's params-only export (default); hf: a "
+                        "Hugging Face transformers checkpoint")
+    export.add_argument("--arch", choices=("auto", "cohere2", "smollm3", "llama4"),
+                        default="auto", help="--format hf: the HF architecture (default: the "
+                        "one that matches exactly)")
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    if args.format == "hf":
+        return export_hf(args)
     import jax  # heavy imports after the arguments are checked
     from flax import nnx
 
@@ -119,6 +131,39 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     export_params(cfg, params, out, step)
     count = sum(x.size for x in jax.tree.leaves(params))
     print(f"exported step {step} of {args.workdir} ({count:,} parameters) to {out}")
+    return 0
+
+
+# ---- Hugging Face: export --format hf, import (docs/interop.md) ----------------------------
+def export_hf(args: argparse.Namespace) -> int:
+    from hybridlm.interop import hf
+    from hybridlm.train.checkpoint import CheckpointError
+
+    try:
+        arch = hf.export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    print(f"exported {args.workdir} as {hf.hf_config.ARCHS[arch][0]} to {args.out}")
+    return 0
+
+
+def _add_import_parser(sub) -> None:
+    imp = sub.add_parser(
+        "import", help="a Hugging Face checkpoint directory -> a hybridlm params export",
+        description="Read a transformers checkpoint directory (Cohere2, SmolLM3, or dense "
+        "Llama 4 text; config.json + safetensors, offline) into a params-only hybridlm export "
+        "with its resolved config and OUT/config.py: `hybridlm train --config OUT/config.py` "
+        "trains on from it (train.init_from=OUT).")
+    imp.add_argument("--from", dest="source", required=True, help="HF checkpoint directory")
+    imp.add_argument("--out", required=True, help="new (or empty) output directory")
+
+
+def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hybridlm.interop.hf import import_hf
+
+    arch, _ = import_hf(Path(args.source), Path(args.out))
+    print(f"imported {arch} from {args.source} into {args.out}; train on from it with: "
+          f"hybridlm train --config {Path(args.out) / 'config.py'} --workdir RUN")
     return 0
 
 
@@ -210,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides and args.command not in ("train", "prepare", "sweep"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
         commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
-                    "sweep": cmd_sweep}
+                    "import": cmd_import, "sweep": cmd_sweep}
         return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face transformers checkpoints in and out (docs/interop.md)."""
