@@ -97,3 +97,21 @@ def _save(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def bars(values: Mapping[str, Mapping[str, float | None]], path: str | Path, ylabel: str,
+         title: str) -> None:
+    """Grouped bars: one group per row (e.g. sweep point), one bar per metric."""
+    rows = list(values)
+    metrics = list(next(iter(values.values())))
+    width = 0.8 / max(len(metrics), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(rows), 3.6))
+    for i, m in enumerate(metrics):
+        ys = [values[r][m] if values[r][m] is not None else np.nan for r in rows]
+        ax.bar(np.arange(len(rows)) + i * width, ys, width, label=m)
+    ax.set_xticks(np.arange(len(rows)) + width * (len(metrics) - 1) / 2, rows, rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    _save(fig, path)
