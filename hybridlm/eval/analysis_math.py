@@ -58,12 +58,20 @@ def query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, window: int 
     return (e / denom).reshape(h, num_q, k.shape[0])
 
 
+def mass_and_entropy(probs: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """[mass per segment (SEGMENTS order)..., entropy], averaged over heads and queries."""
+    one_hot = jax.nn.one_hot(key_segments, len(SEGMENTS), dtype=jnp.float32)
+    mass = jnp.einsum("hqs,sc->c", probs, one_hot) / (probs.shape[0] * probs.shape[1])
+    entropy = -(probs * jnp.log(jnp.clip(probs, 1e-30, 1.0))).sum(-1).mean()
+    return jnp.concatenate([mass, entropy[None]])
+
+
+def as_dict(values) -> dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return {**{name: float(v) for name, v in zip(SEGMENTS, values[:-1], strict=True)},
+            "entropy": float(values[-1])}
+
+
 def summarize(probs: jax.Array, key_segments: np.ndarray) -> dict[str, float]:
     """Mass per segment and entropy, averaged over heads and queries."""
-    one_hot = jax.nn.one_hot(jnp.asarray(key_segments), len(SEGMENTS), dtype=jnp.float32)
-    mass = jnp.einsum("hqs,sc->c", probs, one_hot) / (probs.shape[0] * probs.shape[1])
-    p = jnp.clip(probs, 1e-30, 1.0)
-    entropy = -(probs * jnp.log(p)).sum(-1).mean()
-    out = {name: float(m) for name, m in zip(SEGMENTS, np.asarray(mass), strict=True)}
-    out["entropy"] = float(entropy)
-    return out
+    return as_dict(mass_and_entropy(probs, jnp.asarray(key_segments)))
