@@ -98,10 +98,14 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    from hybridlm.train.trainer import train  # heavy imports after validation
+    from hybridlm.train.trainer import NonFiniteLoss, train  # heavy imports after validation
 
     print(f"training {args.config} in {workdir}", flush=True)
-    train(cfg, workdir)
+    try:
+        train(cfg, workdir)
+    except NonFiniteLoss as e:
+        print(f"hybridlm: training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

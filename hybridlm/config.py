@@ -90,15 +90,33 @@ def defaults() -> mlc.ConfigDict:
     t.steps = 300  # optimizer steps
     t.batch_size = 8  # global batch, in sequences
     t.seed = 0  # seeds parameters and data order
+    t.optimizer = "adamw"  # "adamw" | "adafactor" (factored second moments, less memory)
     t.learning_rate = 3e-3  # peak learning rate
-    t.warmup_steps = 30  # linear warmup, then cosine decay to 10% of the peak
-    t.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only)
-    t.b1 = 0.9  # AdamW beta1
+    t.schedule = "cosine"  # after warmup: "cosine" decay | "wsd" (stable, then decay) | "constant"
+    t.warmup_steps = 30  # linear warmup from 0 to the peak
+    t.min_lr_ratio = 0.1  # cosine and wsd end at this fraction of the peak
+    t.decay_fraction = 0.2  # wsd: the last fraction of the steps decays linearly
+    t.weight_decay = 0.1  # decoupled weight decay (matrices only, not norms or biases)
+    t.b1 = 0.9  # AdamW beta1 (adafactor keeps no momentum)
     t.b2 = 0.95  # AdamW beta2
     t.grad_clip = 1.0  # clip the global gradient norm to this (0: off)
+    t.grad_accum_steps = 1  # microbatches per step: batch_size is split into this many
+    t.z_loss = 0.0  # weight of mean(log Z^2), keeps the softmax normaliser near 1 (PaLM: 1e-4)
+    t.max_nan_streak = 5  # stop after this many non-finite losses in a row (each is skipped)
+
+    c.mesh = mh = mlc.ConfigDict()
+    mh.data = -1  # data-parallel replicas (-1: the devices the other axes leave)
+    mh.fsdp = 1  # split parameters and optimizer state (and the batch) over this many
+    mh.context = 1  # split the sequence over this many devices
+    mh.tensor = 1  # split heads, MLP units and vocabulary over this many devices
+
+    c.eval = ev = mlc.ConfigDict()
+    ev.every = 100  # evaluate on the validation split every this many steps (0: at the end)
+    ev.steps = 10  # validation batches (of train.batch_size) per evaluation (0: none)
 
     c.log = lg = mlc.ConfigDict()
     lg.every = 10  # log metrics every this many steps
+    lg.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0: from the device table; CPU: none)
     return c
 
 
@@ -309,7 +327,55 @@ def validate(cfg: mlc.ConfigDict) -> None:
     _require(isinstance(cfg.train.steps, int) and cfg.train.steps >= 0,
              f"train.steps must be an integer >= 0, got {cfg.train.steps!r}")
     _positive_int(cfg.log.every, "log.every")
-    _require(cfg.train.learning_rate > 0, "train.learning_rate must be > 0")
+    _require(cfg.log.peak_flops >= 0, "log.peak_flops must be >= 0 (0: look the device up)")
+    _validate_train(cfg.train)
+    _validate_mesh(cfg.mesh)
+    for field in ("every", "steps"):
+        value = cfg.eval[field]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"eval.{field} must be an integer >= 0, got {value!r}")
+
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def _validate_train(t: mlc.ConfigDict) -> None:
+    _require(t.learning_rate > 0, "train.learning_rate must be > 0")
+    _require(t.optimizer in OPTIMIZERS,
+             f"train.optimizer is {t.optimizer!r}; choose one of {OPTIMIZERS}")
+    _require(t.schedule in SCHEDULES,
+             f"train.schedule is {t.schedule!r}; choose one of {SCHEDULES}")
+    _require(isinstance(t.warmup_steps, int) and t.warmup_steps >= 0,
+             f"train.warmup_steps must be an integer >= 0, got {t.warmup_steps!r}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0,
+             f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(0.0 <= t.decay_fraction <= 1.0,
+             f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}")
+    _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1 and train.b2 must be in [0, 1)")
+    _require(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0: off)")
+    _require(t.z_loss >= 0, "train.z_loss must be >= 0 (0: off)")
+    _positive_int(t.grad_accum_steps, "train.grad_accum_steps")
+    _positive_int(t.max_nan_streak, "train.max_nan_streak")
+    _require(t.batch_size % t.grad_accum_steps == 0,
+             f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum_steps "
+             f"({t.grad_accum_steps}): each microbatch has batch_size / grad_accum_steps rows")
+
+
+def _validate_mesh(mesh: mlc.ConfigDict) -> None:
+    """Static checks; whether the mesh fits the devices is checked when the job starts."""
+    from hybridlm.parallel.mesh import MESH_AXES  # late import: parallel imports config
+
+    for axis in MESH_AXES:
+        value = mesh[axis]
+        _require(isinstance(value, int) and not isinstance(value, bool)
+                 and (value == -1 or value >= 1),
+                 f"mesh.{axis} must be an integer >= 1, or -1 for the remaining devices; "
+                 f"got {value!r}")
+    free = [axis for axis in MESH_AXES if mesh[axis] == -1]
+    _require(len(free) <= 1, f"only one mesh field may be -1 (the rest of the devices); "
+             f"got {', '.join('mesh.' + a for a in free)}")
 
 
 PACKINGS = ("first_fit", "best_fit", "concat")

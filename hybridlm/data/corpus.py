@@ -19,7 +19,6 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from hybridlm.config import ConfigError
@@ -40,14 +39,6 @@ def stdlib_files() -> list[Path]:
     files = [p for p in root.rglob("*.py")
              if not any(part in skip for part in p.relative_to(root).parts) and p.is_file()]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def stdlib_documents() -> Iterator[str]:
-    """Each non-empty stdlib source file as one document (undecodable bytes replaced)."""
-    for path in stdlib_files():
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if text.strip():
-            yield text
 
 
 def shakespeare_files(cache_root: Path) -> list[Path]:

@@ -114,7 +114,8 @@ def niah_single(tokenizer, haystack, length, depth, c: Content) -> Sample:
     rng = c.rng
     key, value = c.key(), c.number()
     needle = f"\nThe special magic number for {key} is {value}.\n"
-    question = f"\nWhat is the special magic number for {key}? The special magic number for {key} is"
+    question = (f"\nWhat is the special magic number for {key}? "
+                f"The special magic number for {key} is")
     return _with_needles("niah_single", tokenizer, haystack, length, [depth], [needle], question,
                          f" {value}.", [value], rng)
 

@@ -125,12 +125,13 @@ class Transformer(nnx.Module):
         if self.groups is not None:
             graphdef, stacked = nnx.split(self.groups)
             for g in range(self.num_groups):
-                yield from nnx.merge(graphdef, jax.tree.map(lambda a: a[g], stacked)).blocks
+                yield from nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], stacked)).blocks
         if self.tail is not None:
             yield from self.tail.blocks
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        table = constrain(self.embed[...], ("vocab", "embed"))  # gathered whole per shard
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         return constrain(x, ("batch", "length", "embed"))
 
     def features(self, tokens: jax.Array, positions: jax.Array | None = None,

@@ -1,93 +1,231 @@
-"""The training loop, in sections: setup, data, model and optimizer, loop.
+"""The training loop, in sections: setup, mesh, data, model and optimizer, state, compile, loop.
 
-This is the single-device loop of the foundation: the model, optimizer and step are the
-ones the sharded trainer uses; the data is a seeded window sampler over the built-in
-corpus (hybridlm/data/stream.py), so batch k depends only on (seed, k).
+One jitted step with pinned input and output shardings and a donated state; the host
+only feeds batches, and reads metrics back at log steps (a device-to-host read at every
+step would stall the asynchronous dispatch). Checkpointing plugs in through the small
+`Checkpoints` protocol below: `restore` returns the state and the data iterator's state,
+`save` is offered every step after the step's batch is consumed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-from flax import nnx
+import optax
 
 from hybridlm import config as config_lib
-from hybridlm.data.corpus import stdlib_documents
-from hybridlm.data.stream import split_stream, token_stream, window_batch
-from hybridlm.data.tokenizers import get_tokenizer
-from hybridlm.model import Transformer, flops_per_token
-from hybridlm.train.metrics import MetricsWriter
-from hybridlm.train.optim import make_optimizer, schedule
+from hybridlm.data import pipeline as data_pipeline
+from hybridlm.model import flops_per_token
+from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, replicated
+from hybridlm.parallel.mesh import check_batch, make_mesh
+from hybridlm.train.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb
+from hybridlm.train.optim import decay_mask, make_optimizer, schedule
+from hybridlm.train.state import (
+    StateLayout,
+    abstract_model,
+    count_params,
+    init_state,
+    make_layout,
+)
 from hybridlm.train.step import make_eval_step, make_train_step
 
-VAL_FRACTION = 0.02
+BATCH_KEYS = {"inputs": np.int32, "targets": np.int32, "positions": np.int32,
+              "segment_ids": np.int32, "weights": np.float32}
 
 
-def load_tokens(cfg: mlc.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-    if cfg.data.source != "stdlib":
-        raise config_lib.ConfigError(f"data.source {cfg.data.source!r} is not available; "
-                                     "use 'stdlib'")
-    stream = token_stream(stdlib_documents(), get_tokenizer(cfg.data.tokenizer))
-    return split_stream(stream, VAL_FRACTION)
+class NonFiniteLoss(RuntimeError):
+    """Loss or gradient NaN/Inf for train.max_nan_streak steps in a row: the run stopped."""
 
 
-def train(cfg: mlc.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Train for cfg.train.steps; returns the last logged metrics."""
+class Checkpoints(Protocol):
+    """What the loop needs from a checkpoint manager."""
+
+    def restore(self, layout: StateLayout) -> tuple[dict, Any] | None:
+        """(state, data-iterator state) of the latest checkpoint, placed as `layout` says."""
+
+    def should_save(self, step: int) -> bool: ...
+
+    def save(self, step: int, state: dict, data_state: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoCheckpoints:
+    """The loop's default until Orbax checkpointing lands: nothing to restore or save."""
+
+    def restore(self, layout: StateLayout) -> None:
+        return None
+
+    def should_save(self, step: int) -> bool:
+        return False
+
+    def save(self, step: int, state: dict, data_state: Any) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def check_local_batch(local: dict[str, np.ndarray], rows: int, seq_len: int) -> None:
+    """The data pipeline's first batch must match the contract; say what differs."""
+    for key, dtype in BATCH_KEYS.items():
+        if key not in local:
+            raise ValueError(f"the data pipeline's batch lacks {key!r} (has {sorted(local)})")
+        value = local[key]
+        if value.shape != (rows, seq_len) or value.dtype != dtype:
+            raise ValueError(f"the data pipeline's {key!r} is {value.dtype}{list(value.shape)}; "
+                             f"expected {np.dtype(dtype)}[{rows}, {seq_len}] (this process's "
+                             "share of the global batch)")
+
+
+def contract(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The contract's arrays only (a pipeline may carry extra keys)."""
+    return {key: local[key] for key in BATCH_KEYS}
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, mesh,
+             process_count: int) -> float | None:
+    """Mean validation cross-entropy over up to `steps` batches (None if there are none)."""
+    totals = []
+    for _, local in zip(range(steps), batches, strict=False):
+        rows = len(local["inputs"]) * process_count
+        totals.append(eval_step(params, put_batch(contract(local), mesh, rows)))
+    if not totals:
+        return None
+    ce, weight = np.sum(np.asarray(jax.device_get(totals), np.float64), axis=0)
+    return float(ce / max(weight, 1.0))
+
+
+def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
+                       tx: optax.GradientTransformation) -> Callable:
+    """The train step compiled ahead of time for the global batch, state donated, input and
+    output shardings pinned (so that its outputs are valid inputs of the next call)."""
+    t = cfg.train
+    sharding = batch_sharding(mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct((t.batch_size, cfg.data.seq_len), jnp.dtype(d),
+                                              sharding=sharding)
+                      for k, d in BATCH_KEYS.items()}
+    step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
+                              z_loss=t.z_loss)
+    with activation_sharding(mesh):
+        return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
+                       out_shardings=(layout.shardings, replicated(mesh)),
+                       donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
+
+
+def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
+          devices: Sequence[jax.Device] | None = None, train_iter: Iterator | None = None,
+          checkpoints: Checkpoints | None = None) -> list[dict[str, Any]]:
+    """Train for cfg.train.steps; returns the logged rows (also in metrics.jsonl).
+
+    `devices` (default: all) and `train_iter` (default: the data pipeline) are for tests.
+    """
     # ---- setup ---------------------------------------------------------------------
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, workdir / "config.json")
+    jax.config.update("jax_threefry_partitionable", True)  # same init on every mesh
     t, seq_len = cfg.train, cfg.data.seq_len
+    workdir = Path(workdir)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    checkpoints = checkpoints or NoCheckpoints()
+
+    # ---- mesh ----------------------------------------------------------------------
+    mesh = make_mesh(cfg.mesh, devices)
+    check_batch(mesh, t.batch_size, seq_len, "train.batch_size", process_count)
+    if t.grad_accum_steps > 1:
+        check_batch(mesh, t.batch_size // t.grad_accum_steps, seq_len,
+                    "train.batch_size / train.grad_accum_steps", process_count)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_lib.save(cfg, workdir / "config.json")
+        print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
+              f"devices, {process_count} process(es)", flush=True)
 
     # ---- data ----------------------------------------------------------------------
-    train_tokens, val_tokens = load_tokens(cfg)
-    print(f"data: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens",
-          flush=True)
+    if train_iter is None:
+        train_iter = data_pipeline.make_train_iterator(cfg, process_index, process_count)
 
-    # ---- model and optimizer -------------------------------------------------------
-    model = Transformer(config_lib.model_dict(cfg), rngs=nnx.Rngs(params=t.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(t)
-    state = (params, tx.init(params))
-    example = {k: jnp.asarray(v) for k, v in
-               window_batch(train_tokens, t.batch_size, seq_len, t.seed, 0).items()}
+    # ---- model, optimizer and state --------------------------------------------------
+    model_cfg = config_lib.model_dict(cfg)
+    graphdef, params_meta = abstract_model(model_cfg, t.seed)
+    tx = make_optimizer(t, mask=decay_mask(params_meta))
+    layout = make_layout(graphdef, params_meta, tx, mesh)
+    restored = checkpoints.restore(layout)
+    if restored is not None:
+        state, data_state = restored
+        train_iter.set_state(data_state)
+    start = 0 if restored is None else int(jax.device_get(state["step"]))
+    rows, first = t.batch_size, None
+    if start < t.steps:  # check the pipeline's output before paying for any compile
+        first = next(train_iter)
+        check_local_batch(first, rows // process_count, seq_len)
+    if restored is None:
+        state = init_state(model_cfg, tx, layout, t.seed)
+
+    # ---- compile -------------------------------------------------------------------
     compile_start = time.perf_counter()
-    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0).lower(
-        state, example).compile()
-    eval_step = jax.jit(make_eval_step(graphdef))
-    lr_at = schedule(t)
-    flops = flops_per_token(config_lib.model_dict(cfg), seq_len)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {n_params:,} parameters, {flops / 1e6:.1f} MFLOPs per token; compiled in "
-          f"{time.perf_counter() - compile_start:.1f} s", flush=True)
+    train_step = compile_train_step(cfg, mesh, layout, tx)
+    eval_step = jax.jit(make_eval_step(layout.graphdef),
+                        in_shardings=(layout.params_sharding, batch_sharding(mesh)),
+                        out_shardings=replicated(mesh))
+    flops = flops_per_token(model_cfg, seq_len)
+    peak = cfg.log.peak_flops or peak_flops(jax.devices()[0])
+    if is_main:
+        print(f"model: {count_params(layout):,} parameters, {flops / 1e6:.1f} MFLOPs per "
+              f"token; step compiled in {time.perf_counter() - compile_start:.1f} s; "
+              f"{'resuming at' if start else 'starting at'} step {start}", flush=True)
+
+    def run_eval(params) -> float | None:
+        batches = data_pipeline.make_eval_iterator(cfg, process_index, process_count)
+        with activation_sharding(mesh):
+            return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
 
     # ---- loop ----------------------------------------------------------------------
-    writer = MetricsWriter(workdir, t.steps)
-    last: dict[str, float] = {}
+    writer = MetricsWriter(workdir, t.steps, start, enabled=is_main)
+    history: list[dict[str, Any]] = []
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(t.steps):
-        batch = {k: jnp.asarray(v) for k, v in
-                 window_batch(train_tokens, t.batch_size, seq_len, t.seed, step).items()}
-        state, metrics = train_step(state, batch)
-        window_steps += 1
-        done = step + 1
-        if done % cfg.log.every == 0 or done == t.steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - window_start
-            step_time = elapsed / window_steps
-            last = {"loss": float(metrics["loss"]), "lr": float(lr_at(step)),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "tokens_per_s": t.batch_size * seq_len / step_time,
-                    "step_time_s": step_time, "mfu": None}
-            if done == t.steps:
-                val = window_batch(val_tokens, t.batch_size, seq_len, t.seed + 1, 0)
-                last["val_loss"] = float(eval_step(state[0], val))
-            writer.write(done, last)
-            window_start, window_steps = time.perf_counter(), 0
-    writer.close()
-    return last
+    try:
+        for step in range(start, t.steps):
+            local = first if step == start else next(train_iter)
+            state, metrics = train_step(state, put_batch(contract(local), mesh, rows))
+            writer.advance()
+            window_steps += 1
+            done = step + 1
+            is_eval = cfg.eval.steps > 0 and (
+                done == t.steps or (cfg.eval.every and done % cfg.eval.every == 0))
+            if done % cfg.log.every == 0 or done in (start + 1, t.steps) or is_eval:
+                metrics = jax.device_get(metrics)
+                step_time = (time.perf_counter() - window_start) / window_steps
+                row = {"loss": metrics["loss"], "lr": metrics["lr"],
+                       "grad_norm": metrics["grad_norm"],
+                       "tokens_per_s": rows * seq_len / step_time, "step_time_s": step_time,
+                       "mfu": mfu(rows * seq_len / step_time, flops, peak, mesh.devices.size),
+                       "nan_skipped": metrics["nan_skipped"]}
+                memory = peak_memory_gb(jax.local_devices())
+                if memory is not None:
+                    row["peak_memory_gb"] = memory
+                if is_eval:
+                    row["val_loss"] = run_eval(state["params"])
+                writer.write(done, row)
+                history.append({"step": done, **{k: None if v is None else float(v)
+                                                 for k, v in row.items()}})
+                if metrics["nan_streak"] >= t.max_nan_streak:
+                    raise NonFiniteLoss(
+                        f"the loss or gradient was NaN or Inf in the last "
+                        f"{int(metrics['nan_streak'])} steps (train.max_nan_streak="
+                        f"{t.max_nan_streak}); those updates were skipped, so the "
+                        "parameters are the last good ones. Lower "
+                        "train.learning_rate or check the data.")
+                window_start, window_steps = time.perf_counter(), 0
+            if checkpoints.should_save(done) and int(state["nan_streak"]) == 0:
+                checkpoints.save(done, state, train_iter.get_state())  # never mid-streak
+    finally:
+        writer.close()
+        checkpoints.close()
+    return history
