@@ -103,6 +103,8 @@ def defaults() -> mlc.ConfigDict:
     t.grad_accum_steps = 1  # microbatches per step: batch_size is split into this many
     t.z_loss = 0.0  # weight of mean(log Z^2), keeps the softmax normaliser near 1 (PaLM: 1e-4)
     t.max_nan_streak = 5  # stop after this many non-finite losses in a row (each is skipped)
+    t.init_from = ""  # new stage: start from the params of this workdir, checkpoint or export
+    t.init_from_opt_state = False  # ... and its optimizer state (training checkpoints only)
 
     c.mesh = mh = mlc.ConfigDict()
     mh.data = -1  # data-parallel replicas (-1: the devices the other axes leave)
@@ -117,6 +119,14 @@ def defaults() -> mlc.ConfigDict:
     c.log = lg = mlc.ConfigDict()
     lg.every = 10  # log metrics every this many steps
     lg.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0: from the device table; CPU: none)
+
+    c.checkpoint = ck = mlc.ConfigDict()  # docs/checkpoints.md
+    ck.enabled = True  # save checkpoints and resume from them (False: neither)
+    ck.dir = ""  # where checkpoints go ("" = <workdir>/checkpoints)
+    ck.every = 100  # save every this many steps, and always at the last (0: only at the last)
+    ck.keep = 3  # keep the newest this many checkpoints (0: keep all)
+    ck.keep_every = 0  # also keep, forever, those whose step is a multiple of this (0: none)
+    ck.async_save = True  # write in the background while training goes on
     return c
 
 
@@ -330,6 +340,7 @@ def validate(cfg: mlc.ConfigDict) -> None:
     _require(cfg.log.peak_flops >= 0, "log.peak_flops must be >= 0 (0: look the device up)")
     _validate_train(cfg.train)
     _validate_mesh(cfg.mesh)
+    _validate_checkpoint(cfg.checkpoint, cfg.train)
     for field in ("every", "steps"):
         value = cfg.eval[field]
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
@@ -361,6 +372,25 @@ def _validate_train(t: mlc.ConfigDict) -> None:
     _require(t.batch_size % t.grad_accum_steps == 0,
              f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum_steps "
              f"({t.grad_accum_steps}): each microbatch has batch_size / grad_accum_steps rows")
+
+
+def _validate_checkpoint(ck: mlc.ConfigDict, t: mlc.ConfigDict) -> None:
+    for field in ("enabled", "async_save"):
+        _require(isinstance(ck[field], bool), f"checkpoint.{field} must be True or False")
+    _require(isinstance(ck.dir, str), f"checkpoint.dir must be a path string, got {ck.dir!r}")
+    for field in ("every", "keep", "keep_every"):
+        value = ck[field]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"checkpoint.{field} must be an integer >= 0, got {value!r}")
+    _require(isinstance(t.init_from, str), f"train.init_from must be a path string, got "
+             f"{t.init_from!r}")
+    _require(isinstance(t.init_from_opt_state, bool),
+             "train.init_from_opt_state must be True or False")
+    _require(not t.init_from_opt_state or bool(t.init_from),
+             "train.init_from_opt_state=True needs train.init_from (the run to start from)")
+    _require(not t.init_from or Path(t.init_from).expanduser().exists(),
+             f"train.init_from {t.init_from!r}: no such directory; give a run's workdir, one "
+             "of its checkpoint directories, or a `hybridlm export` directory")
 
 
 def _validate_mesh(mesh: mlc.ConfigDict) -> None:

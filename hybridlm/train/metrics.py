@@ -68,6 +68,24 @@ def _clean(value: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop the old rows of those
+    steps (logged by the run that was stopped) and any line a kill cut short, so that
+    metrics.jsonl reads as one run."""
+    if not path.is_file():
+        return
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
 class MetricsWriter:
     """One JSON object per logged step in <workdir>/metrics.jsonl, the same scalars in
     <workdir>/tb/, a console line per log with the ETA, and a progress bar on terminals.
@@ -86,6 +104,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             workdir.mkdir(parents=True, exist_ok=True)
+            drop_rows_after(workdir / "metrics.jsonl", first_step)
             self._jsonl = open(workdir / "metrics.jsonl", "a")
             self._tb = SummaryWriter(str(workdir / "tb"))
 

@@ -25,8 +25,10 @@ from hybridlm.data import pipeline as data_pipeline
 from hybridlm.model import flops_per_token
 from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, replicated
 from hybridlm.parallel.mesh import check_batch, make_mesh
+from hybridlm.train import checkpoint as checkpoint_lib
 from hybridlm.train.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb
 from hybridlm.train.optim import decay_mask, make_optimizer, schedule
+from hybridlm.train.preemption import Preemption
 from hybridlm.train.state import (
     StateLayout,
     abstract_model,
@@ -58,7 +60,7 @@ class Checkpoints(Protocol):
 
 
 class NoCheckpoints:
-    """The loop's default until Orbax checkpointing lands: nothing to restore or save."""
+    """checkpoint.enabled=False: nothing to restore or save."""
 
     def restore(self, layout: StateLayout) -> None:
         return None
@@ -120,12 +122,22 @@ def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                        donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
 
 
+def stopped_message(signal_name: str, step: int, saved: bool, workdir: Path) -> str:
+    what = (f"saved a checkpoint of step {step}" if saved else
+            "saved no checkpoint (the loss is in a NaN streak); a resume starts from the last "
+            "one")
+    return (f"{signal_name}: stopped after step {step} and {what}. To resume, run the same "
+            f"`hybridlm train` command again with --workdir {workdir}.")
+
+
 def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
           devices: Sequence[jax.Device] | None = None, train_iter: Iterator | None = None,
           checkpoints: Checkpoints | None = None) -> list[dict[str, Any]]:
     """Train for cfg.train.steps; returns the logged rows (also in metrics.jsonl).
 
-    `devices` (default: all) and `train_iter` (default: the data pipeline) are for tests.
+    `devices` (default: all) and `train_iter` (default: the data pipeline) are for tests;
+    `checkpoints` defaults to Orbax checkpoints in checkpoint.dir (checkpoint.enabled).
+    SIGTERM or SIGINT ends the run after the current step, with a checkpoint of that step.
     """
     # ---- setup ---------------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)  # same init on every mesh
@@ -133,7 +145,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     workdir = Path(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
-    checkpoints = checkpoints or NoCheckpoints()
+    if checkpoints is None:
+        checkpoints = (checkpoint_lib.Checkpointer(cfg, workdir) if cfg.checkpoint.enabled
+                       else NoCheckpoints())
+    stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
 
     # ---- mesh ----------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices)
@@ -167,6 +182,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
         check_local_batch(first, rows // process_count, seq_len)
     if restored is None:
         state = init_state(model_cfg, tx, layout, t.seed)
+        if stage_sources:
+            state = checkpoint_lib.init_from(cfg, layout, state, stage_sources)
 
     # ---- compile -------------------------------------------------------------------
     compile_start = time.perf_counter()
@@ -190,6 +207,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     writer = MetricsWriter(workdir, t.steps, start, enabled=is_main)
     history: list[dict[str, Any]] = []
     window_start, window_steps = time.perf_counter(), 0
+    preemption = Preemption().install()
     try:
         for step in range(start, t.steps):
             local = first if step == start else next(train_iter)
@@ -223,9 +241,18 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
                         "parameters are the last good ones. Lower "
                         "train.learning_rate or check the data.")
                 window_start, window_steps = time.perf_counter(), 0
-            if checkpoints.should_save(done) and int(state["nan_streak"]) == 0:
-                checkpoints.save(done, state, train_iter.get_state())  # never mid-streak
+            stop = preemption.reached(done)
+            saved = ((checkpoints.should_save(done) or stop)
+                     and int(state["nan_streak"]) == 0)  # never mid-streak
+            if saved:
+                checkpoints.save(done, state, train_iter.get_state())
+            if stop:
+                if is_main:
+                    print(stopped_message(preemption.signal_name, done, saved, workdir),
+                          flush=True)
+                break
     finally:
+        preemption.uninstall()
         writer.close()
         checkpoints.close()
     return history
