@@ -17,6 +17,9 @@ def test_attention_analysis_per_layer_and_type():
     model = build(cfg).model
     (sample,) = tasks.make_samples("niah_single", TOK, HAY, [400], [0.5], 1, seed=0)
     result = analysis.analyze_sample(model, sample, TOK.encode(sample.answer))
+    exact = len(sample.ids) + len(TOK.encode(sample.answer)) - sample.question_span[0]
+    padded = analysis.analyze_sample(model, sample, TOK.encode(sample.answer), exact + 9)
+    assert padded["overall"] == pytest.approx(result["overall"], abs=1e-5)  # extra rows: weight 0
     assert [r["type"] for r in result["per_layer"]] == ["local", "local", "local", "global"]
     for row in result["per_layer"]:
         assert sum(row[s] for s in SEGMENTS) == pytest.approx(1.0, abs=1e-4)

@@ -16,6 +16,7 @@ HAY = TOK.encode("The quick brown fox jumps over the lazy dog. " * 400)
 def test_samples_have_the_requested_length_and_exact_spans(task):
     (s,) = tasks.make_samples(task, TOK, HAY, [700], [0.3], 1, seed=1)
     assert abs(len(s.ids) - 700) <= 40
+    assert s.depth == 0.3  # the requested depth (grids group samples by it)
     q0, q1 = s.question_span
     assert q1 == len(s.ids) and TOK.decode(s.ids[q0:q1]).strip().endswith(
         ("is", "are", "order,"))

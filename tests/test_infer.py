@@ -32,6 +32,8 @@ def test_greedy_generation_continues_like_argmax_of_the_full_pass():
     seq = np.concatenate([prompt, out], axis=1)
     greedy = np.asarray(forward(seq)).argmax(-1)  # what the full pass predicts at each step
     np.testing.assert_array_equal(out, greedy[:, 11:19])
+    aligned = Generator(forward.model, cfg.to_dict(), batch=1, max_len=24, prefill_multiple=5)
+    np.testing.assert_array_equal(aligned.generate(prompt, 8), out)  # 10 prefilled, 2 stepped
     with pytest.raises(ValueError, match="exceed max_len"):
         gen.generate(prompt, 20)
 

@@ -10,6 +10,7 @@ layer type and overall. Only [qc x T] probabilities are formed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -22,32 +23,49 @@ from hybridlm.eval.tasks import Sample
 from hybridlm.model.transformer import Transformer
 
 
-def layer_masses(model: Transformer, tokens: jax.Array, query_start: int,
-                 key_segments: jax.Array) -> jax.Array:
-    """[layers, 5]: segment masses and entropy of queries tokens[query_start:], per layer."""
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+def layer_masses(model: Transformer, tokens: jax.Array, num_queries: int,
+                 query_start: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """[layers, 5]: segment masses and entropy of the queries tokens[query_start:], per layer.
+
+    Attention is formed for the last `num_queries` tokens only (static, so samples whose
+    question lengths differ share one compile); rows before `query_start` get weight 0.
+    """
+    t = tokens.shape[1]
+    positions = jnp.arange(t, dtype=jnp.int32)[None]
+    q_pos = positions[0, t - num_queries:]
+    weights = (q_pos >= query_start).astype(jnp.float32)
     x = model.embed_tokens(tokens)
     rows = []
     for block in model.blocks():
         spec = block.attn.spec
         q, k, _ = block.attn.project(block.attn_norm(x), positions)
         sinks = None if block.attn.sinks is None else block.attn.sinks[...]
-        probs = am.query_probs(q[0, query_start:], k[0], positions[0, query_start:],
-                               spec.window, spec.chunk, sinks)
-        rows.append(am.mass_and_entropy(probs, key_segments))
+        probs = am.query_probs(q[0, t - num_queries:], k[0], q_pos, spec.window, spec.chunk,
+                               sinks)
+        rows.append(am.mass_and_entropy(probs, key_segments, weights))
         x = block(x, positions, None)
     return jnp.stack(rows)
 
 
-def analyze_sample(model: Transformer, sample: Sample, answer_ids: np.ndarray) -> dict:
-    """Per-layer, per-layer-type and overall attention statistics for one needle sample."""
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _layer_masses(graphdef, state, tokens, num_queries, query_start, key_segments):
+    return layer_masses(nnx.merge(graphdef, state), tokens, num_queries, query_start,
+                        key_segments)
+
+
+def analyze_sample(model: Transformer, sample: Sample, answer_ids: np.ndarray,
+                   num_queries: int | None = None) -> dict:
+    """Per-layer, per-layer-type and overall attention statistics for one needle sample.
+    `num_queries` (>= the question + answer length) lets samples share a compile."""
     tokens = np.concatenate([sample.ids, answer_ids]).astype(np.int32)
     qc_start = sample.question_span[0]
+    num_queries = num_queries or len(tokens) - qc_start
+    if num_queries < len(tokens) - qc_start:
+        raise ValueError(f"num_queries {num_queries} < {len(tokens) - qc_start} qc tokens")
     segments = am.segment_ids_for_keys(len(tokens), sample.needle_spans[0], qc_start)
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, t, seg: layer_masses(nnx.merge(graphdef, state), t, qc_start,
-                                                     seg))
-    table = np.asarray(run(state, jnp.asarray(tokens)[None], jnp.asarray(segments)))
+    table = np.asarray(_layer_masses(graphdef, state, jnp.asarray(tokens)[None], num_queries,
+                                     jnp.int32(qc_start), jnp.asarray(segments)))
     specs = [block.attn.spec for block in model.blocks()]
     per_layer = [{"layer": i, "type": s.name, "rope": s.rope, "window": s.window,
                   "chunk": s.chunk, **am.as_dict(row)} for i, (s, row) in

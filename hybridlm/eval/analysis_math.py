@@ -58,12 +58,16 @@ def query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, window: int 
     return (e / denom).reshape(h, num_q, k.shape[0])
 
 
-def mass_and_entropy(probs: jax.Array, key_segments: jax.Array) -> jax.Array:
-    """[mass per segment (SEGMENTS order)..., entropy], averaged over heads and queries."""
+def mass_and_entropy(probs: jax.Array, key_segments: jax.Array,
+                     query_weights: jax.Array | None = None) -> jax.Array:
+    """[mass per segment (SEGMENTS order)..., entropy], averaged over heads and queries
+    (queries weighted by query_weights [Q], e.g. 0 for padding rows)."""
+    h, num_q = probs.shape[:2]
+    w = jnp.ones(num_q, jnp.float32) if query_weights is None else query_weights
     one_hot = jax.nn.one_hot(key_segments, len(SEGMENTS), dtype=jnp.float32)
-    mass = jnp.einsum("hqs,sc->c", probs, one_hot) / (probs.shape[0] * probs.shape[1])
-    entropy = -(probs * jnp.log(jnp.clip(probs, 1e-30, 1.0))).sum(-1).mean()
-    return jnp.concatenate([mass, entropy[None]])
+    mass = jnp.einsum("hqs,sc,q->c", probs, one_hot, w) / (h * w.sum())
+    entropy = -(probs * jnp.log(jnp.clip(probs, 1e-30, 1.0))).sum(-1)  # [H, Q]
+    return jnp.concatenate([mass, ((entropy * w).sum() / (h * w.sum()))[None]])
 
 
 def as_dict(values) -> dict[str, float]:

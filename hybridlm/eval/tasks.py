@@ -167,8 +167,9 @@ def variable_tracking(tokenizer, haystack, length, depth, c: Content, hops: int 
     question = (f"\nFind all variables that are assigned the value {value}. "
                 "Answer: they are")
     answers = names
-    return _with_needles("variable_tracking", tokenizer, haystack, length, depths, chain,
-                         question, " " + ", ".join(names) + ".", answers, rng)
+    sample = _with_needles("variable_tracking", tokenizer, haystack, length, depths, chain,
+                           question, " " + ", ".join(names) + ".", answers, rng)
+    return dataclasses.replace(sample, depth=depth)  # the requested depth, not the first link
 
 
 def common_words(tokenizer, haystack, length, depth, c: Content, top: int = 3) -> Sample:

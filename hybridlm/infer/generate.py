@@ -3,9 +3,16 @@
 Greedy decoding by default; temperature and top-k sampling on request. The prompt is run
 once through the model's own kernels (it fills the empty cache), each new token is one
 jitted step over the cache. Positions continue from the prompt's length.
+
+Prompts of many lengths (evaluation samples) would each compile their own prefill; with
+`prefill_multiple=m` only the first multiple of m tokens is prefilled and the few left are
+fed through the (once compiled) one-token step, so every prompt length shares m-aligned
+prefill programs. The compiled steps are shared by every Generator of the same model.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +34,36 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) ->
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _step(graphdef, state, tokens, positions, cache):
+    return nnx.merge(graphdef, state)(tokens, positions, None, cache)
+
+
 class Generator:
     """Compiled prefill and decode steps for one model, batch size and maximum length."""
 
-    def __init__(self, model: Transformer, model_cfg: dict, batch: int, max_len: int):
+    def __init__(self, model: Transformer, model_cfg: dict, batch: int, max_len: int,
+                 prefill_multiple: int = 1):
         self.model_cfg, self.batch, self.max_len = model_cfg, batch, max_len
-        graphdef, self.state = nnx.split(model)
+        self.prefill_multiple = prefill_multiple
+        self.graphdef, self.state = nnx.split(model)
 
-        def step(state, tokens, positions, cache):
-            return nnx.merge(graphdef, state)(tokens, positions, None, cache)
+    def _step(self, tokens, positions, cache):
+        return _step(self.graphdef, self.state, tokens, positions, cache)
 
-        self._step = jax.jit(step)
+    def prefill(self, prompt: np.ndarray) -> tuple[jax.Array, dict]:
+        """(logits of the prompt's last token [B, V], the filled cache)."""
+        b, n = prompt.shape
+        cache = init_cache(self.model_cfg, b, self.max_len)
+        head, logits = n - n % self.prefill_multiple, None
+        if head:  # one token at a time for the rest (a single token takes the decode path)
+            positions = jnp.broadcast_to(jnp.arange(head, dtype=jnp.int32), (b, head))
+            logits, cache = self._step(jnp.asarray(prompt[:, :head], jnp.int32), positions,
+                                       cache)
+        for i in range(head, n):
+            logits, cache = self._step(jnp.asarray(prompt[:, i:i + 1], jnp.int32),
+                                       jnp.full((b, 1), i, jnp.int32), cache)
+        return logits[:, -1], cache
 
     def generate(self, prompt: np.ndarray, max_new: int, *, temperature: float = 0.0,
                  top_k: int = 0, seed: int = 0) -> np.ndarray:
@@ -48,10 +74,7 @@ class Generator:
         if n + max_new > self.max_len:
             raise ValueError(f"prompt ({n}) + new tokens ({max_new}) exceed max_len "
                              f"{self.max_len}; build the Generator with a larger max_len")
-        cache = init_cache(self.model_cfg, b, self.max_len)
-        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        logits, cache = self._step(self.state, jnp.asarray(prompt, jnp.int32), positions, cache)
-        logits = logits[:, -1]
+        logits, cache = self.prefill(np.asarray(prompt))
         key = jax.random.key(seed)
         out = []
         for i in range(max_new):
@@ -60,7 +83,7 @@ class Generator:
             out.append(token)
             if i + 1 < max_new:
                 pos = jnp.full((b, 1), n + i, jnp.int32)
-                logits, cache = self._step(self.state, token[:, None], pos, cache)
+                logits, cache = self._step(token[:, None], pos, cache)
                 logits = logits[:, -1]
         return np.asarray(jnp.stack(out, axis=1))
 
@@ -70,12 +93,12 @@ class Generator:
         b, t = tokens.shape
         cache = init_cache(self.model_cfg, b, self.max_len)
         positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (b, prompt_len))
-        logits, cache = self._step(self.state, jnp.asarray(tokens[:, :prompt_len], jnp.int32),
+        logits, cache = self._step(jnp.asarray(tokens[:, :prompt_len], jnp.int32),
                                    positions, cache)
         outs = [logits]
         for i in range(prompt_len, t):
             pos = jnp.full((b, 1), i, jnp.int32)
-            logits, cache = self._step(self.state, jnp.asarray(tokens[:, i:i + 1], jnp.int32),
+            logits, cache = self._step(jnp.asarray(tokens[:, i:i + 1], jnp.int32),
                                        pos, cache)
             outs.append(logits)
         return np.asarray(jnp.concatenate(outs, axis=1))
