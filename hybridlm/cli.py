@@ -79,12 +79,17 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- eval, analyze, generate: a trained run's model ----------------------------------------
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _numbers(kind: type, what: str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+_ints = _numbers(int, "a token count (or comma-separated counts)")
+_floats = _numbers(float, "a fraction (or comma-separated fractions)")
 
 
 def _flatten(groups: list[list] | None) -> list | None:
@@ -117,7 +122,7 @@ def _add_eval_parsers(sub) -> None:
                     help="needle depths in [0, 1] (default niah 0,.25,.5,.75,1; ruler .1,.5,.9)")
     an = sub.add_parser(
         "analyze", help="the paper's attention analysis: where the question tokens look",
-        description="Needle at 50%% depth; attention mass of the question+answer tokens on "
+        description="Needle at 50% depth; attention mass of the question+answer tokens on "
         "the first 10 tokens, the needle, the rest of the context and themselves, plus "
         "entropy, per layer, per layer type and overall. Writes WORKDIR/eval/analysis.json, "
         "analysis.md (tables) and analysis.png.")

@@ -119,3 +119,10 @@ def test_cli_mistakes_exit_2_with_one_message(args, message, tmp_path, capsys):
     assert cli.main([a.format(tmp=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_rejects_non_numbers_in_lengths(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--workdir", str(tmp_path), "--lengths", "512,abc"])
+    assert exit_info.value.code == 2
+    assert "'512,abc' is not a token count" in capsys.readouterr().err
