@@ -5,6 +5,7 @@
     hybridlm eval --workdir W --task niah|ruler|ppl|all [--lengths N ...] [--depths F ...]
     hybridlm analyze --workdir W [--lengths N ...]
     hybridlm generate --workdir W --prompt TEXT [--max_new N --temperature T --top_k K]
+    hybridlm export --workdir DIR [--step N] --out DIR [--format params]
 
 A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
 never a traceback.
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_eval_parsers(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -202,6 +204,46 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# ---- hybridlm export ------------------------------------------------------------------------
+EXPORT_FORMATS = ("params",)
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export", help="write a run's parameters alone, for evaluation and sharing",
+        description="Export the parameters of a run's latest (or --step) checkpoint, without "
+        "optimizer or data state. `params`: Orbax params/ + config.json + export.json, "
+        "readable by hybridlm.train.checkpoint.load_model and --config.train.init_from. "
+        "See docs/checkpoints.md.")
+    export.add_argument("--workdir", required=True,
+                        help="the run's workdir (or a checkpoints / checkpoint-step directory)")
+    export.add_argument("--step", type=int, default=None,
+                        help="the checkpoint step to export (default: the latest that restores)")
+    export.add_argument("--out", required=True, help="new directory to write")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="params",
+                        help="params: this framework's params-only export (default)")
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    import jax  # heavy imports after the arguments are checked
+    from flax import nnx
+
+    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
+
+    try:
+        cfg, model, step = load_model(Path(args.workdir), args.step)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    export_params(cfg, params, out, step)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    print(f"exported step {step} of {args.workdir} ({count:,} parameters) to {out}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     for field in ("source", "tokenizer"):
         if getattr(args, field) is not None:
@@ -227,7 +269,8 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
-    from hybridlm.train.trainer import NonFiniteLoss, train  # heavy imports after validation
+    from hybridlm.train.checkpoint import CheckpointError  # heavy imports after validation
+    from hybridlm.train.trainer import NonFiniteLoss, train
 
     print(f"training {args.config} in {workdir}", flush=True)
     try:
@@ -235,6 +278,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except NonFiniteLoss as e:
         print(f"hybridlm: training stopped: {e}", file=sys.stderr)
         return 1
+    except CheckpointError as e:  # e.g. a config that changes shapes against the checkpoints
+        raise UserError(str(e)) from None
     return 0
 
 
@@ -245,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if overrides and args.command not in ("train", "prepare"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
-        commands = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval,
-                    "analyze": cmd_analyze, "generate": cmd_generate}
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
+                    "eval": cmd_eval, "analyze": cmd_analyze, "generate": cmd_generate}
         return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from hybridlm import cli
 from hybridlm.config import ConfigError
-from hybridlm.parallel import put_batch
-from hybridlm.train.checkpoint import Checkpointer, export_params, load_model
+from hybridlm.parallel import make_mesh, put_batch
+from hybridlm.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    export_params,
+    load_model,
+    stage_sources,
+)
+from hybridlm.train.optim import decay_mask, make_optimizer
+from hybridlm.train.state import abstract_model, make_layout
 from tests.train_helpers import build, random_batch, tiny_config
 
 DENSE = "model.attention_impl=dense"
+DATA8 = {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
 SHARDED = {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
+ONE = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
 
 
 def numpy_tree(tree):
@@ -28,10 +42,11 @@ def assert_trees_equal(a, b):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, devices):
-    """A tiny model trained 2 steps on fsdp=2 x tensor=4, checkpointed at steps 1 and 2."""
-    cfg = tiny_config(DENSE, "checkpoint.async_save=False")
+    """A tiny model trained 2 steps on data=8, checkpointed (asynchronously) at steps 1 and
+    2, and the loss of the step after."""
+    cfg = tiny_config(DENSE)
     workdir = tmp_path_factory.mktemp("run")
-    mesh, layout, tx, state, step = build(cfg, SHARDED, devices)
+    mesh, layout, tx, state, step = build(cfg, DATA8, devices)
     checkpointer = Checkpointer(cfg, workdir)
     saved = {}
     for i in (1, 2):
@@ -39,7 +54,16 @@ def trained(tmp_path_factory, devices):
         checkpointer.save(i, state, {"position": i})
         saved[i] = numpy_tree(state)
     checkpointer.close()
-    return cfg, workdir, saved
+    _, metrics = step(state, put_batch(random_batch(cfg, 3), mesh, cfg.train.batch_size))
+    return cfg, workdir, saved, float(metrics["loss"])
+
+
+def restore(cfg, workdir, layout):
+    checkpointer = Checkpointer(cfg, workdir)
+    try:
+        return checkpointer.restore(layout)
+    finally:
+        checkpointer.close()
 
 
 def model_params(model):
@@ -47,7 +71,7 @@ def model_params(model):
 
 
 def test_load_model_reads_a_workdir_latest_or_a_given_step(trained):
-    cfg, workdir, saved = trained
+    cfg, workdir, saved, _ = trained
     loaded_cfg, model, step = load_model(workdir)
     assert step == 2 and loaded_cfg.to_dict() == cfg.to_dict()
     params = model_params(model)
@@ -62,7 +86,7 @@ def test_load_model_reads_a_workdir_latest_or_a_given_step(trained):
 
 
 def test_export_then_load_model_round_trips(trained, tmp_path):
-    cfg, workdir, saved = trained
+    cfg, workdir, saved, _ = trained
     _, model, _ = load_model(workdir)
     export_params(cfg, model_params(model), tmp_path / "export", step=2)
     loaded_cfg, exported, step = load_model(tmp_path / "export")
@@ -77,3 +101,84 @@ def test_export_then_load_model_round_trips(trained, tmp_path):
 def test_load_model_names_what_a_path_must_hold(tmp_path):
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("mesh_cfg", [SHARDED, ONE], ids=["fsdp2_tensor4", "one_device"])
+def test_restore_on_another_mesh_gives_the_same_next_step_loss(trained, mesh_cfg, devices):
+    cfg, workdir, saved, next_loss = trained
+    mesh, layout, _, _, step = build(cfg, mesh_cfg, devices[:1] if mesh_cfg is ONE else devices)
+    state, data_state = restore(cfg, workdir, layout)
+    assert data_state == {"position": 2}
+    assert_trees_equal(state, saved[2])
+    leaf = state["params"]["embed"]
+    assert leaf.sharding == layout.shardings["params"]["embed"]
+    _, metrics = step(state, put_batch(random_batch(cfg, 3), mesh, cfg.train.batch_size))
+    np.testing.assert_allclose(float(metrics["loss"]), next_loss, rtol=2e-6)
+
+
+def test_a_truncated_file_of_the_latest_checkpoint_falls_back_to_the_previous(
+        trained, tmp_path, devices, capsys):
+    cfg, workdir, saved, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    # the array data that a restore reads (Orbax merges each process's ocdbt.process_<i>/d/
+    # into state/d/ when a save completes)
+    data_file = max((copy / "checkpoints/2/state/d").iterdir(), key=lambda p: p.stat().st_size)
+    with open(data_file, "r+b") as f:
+        f.truncate(data_file.stat().st_size // 2)
+    _, layout = build_layout(cfg, devices)
+    state, data_state = restore(cfg, copy, layout)
+    assert data_state == {"position": 1}
+    assert_trees_equal(state, saved[1])
+    out = capsys.readouterr().out
+    assert f"warning: checkpoint {copy / 'checkpoints/2'} does not restore" in out
+    assert f"resuming from {copy / 'checkpoints/1'}" in out
+
+
+def build_layout(cfg, devices, mesh_cfg=ONE):
+    """(mesh, layout) without compiling anything."""
+    mesh = make_mesh(mesh_cfg, devices[:1])
+    graphdef, meta = abstract_model(cfg.model.to_dict(), cfg.train.seed)
+    return mesh, make_layout(graphdef, meta, make_optimizer(cfg.train, decay_mask(meta)), mesh)
+
+
+def test_a_shape_change_in_the_same_workdir_is_refused_naming_the_fields(trained, devices):
+    _, workdir, _, _ = trained
+    cfg = tiny_config(DENSE, "model.mlp_dim=32", "data.seq_len=32")
+    _, layout = build_layout(cfg, devices)
+    with pytest.raises(CheckpointError, match=r"model\.mlp_dim.*train\.init_from=") as e:
+        restore(cfg, workdir, layout)
+    assert "model.layer_types" not in str(e.value)
+
+
+def test_init_from_refuses_other_shapes_before_anything_compiles(trained):
+    _, workdir, _, _ = trained
+    cfg = tiny_config(DENSE, "model.num_layers=8", f"train.init_from={workdir}")
+    with pytest.raises(ConfigError, match="train.init_from=.*other shapes"):
+        stage_sources(cfg)
+
+
+def test_export_cli_writes_what_load_model_reads(trained, tmp_path, capsys):
+    _, workdir, saved, _ = trained
+    out = tmp_path / "export"
+    assert cli.main(["export", "--workdir", str(workdir), "--step", "1", "--out", str(out)]) == 0
+    _, model, step = load_model(out)
+    assert step == 1
+    assert_trees_equal(model_params(model), saved[1]["params"])
+    assert cli.main(["export", "--workdir", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path / "x")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.every=-1", "checkpoint.every must be an integer >= 0"),
+    ("checkpoint.keep=-2", "checkpoint.keep must be an integer >= 0"),
+    ("checkpoint.keep_every=-1", "checkpoint.keep_every must be an integer >= 0"),
+    ("checkpoint.async_save=1", "checkpoint.async_save='1': expected a bool"),
+    ("checkpoint.enabled=0", "checkpoint.enabled='0': expected a bool"),
+    ("train.init_from=/no/such/run", "train.init_from '/no/such/run': no such directory"),
+    ("train.init_from_opt_state=True", "needs train.init_from"),
+])
+def test_checkpoint_config_mistakes_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_config(override)

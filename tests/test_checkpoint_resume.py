@@ -7,22 +7,31 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flax import nnx
 
-from hybridlm.config import REPO_ROOT
+from hybridlm.config import REPO_ROOT, load
+from hybridlm.data.pipeline import make_train_iterator
+from hybridlm.model import Transformer
+from hybridlm.train.checkpoint import load_model
+from hybridlm.train.state import abstract_model
+from hybridlm.train.step import loss_sums
+from hybridlm.train.trainer import contract, train
 
 STEPS = 24
+OVERRIDES = ["model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8",
+             "model.mlp_dim=64", "model.vocab_size=300", "model.attention_impl=dense",
+             "train.batch_size=4", "train.warmup_steps=2", "log.every=1", "eval.steps=0",
+             "checkpoint.every=1", "checkpoint.keep=2"]
 RUN = ["--config", "configs/paper.py:variant=rnope_swa,window=5,seq_len=16",
-       "--config.model.d_model=32", "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
-       "--config.model.head_dim=8", "--config.model.mlp_dim=64", "--config.model.vocab_size=300",
-       "--config.model.attention_impl=dense", "--config.train.batch_size=4",
-       "--config.train.warmup_steps=2", f"--config.train.steps={STEPS}", "--config.log.every=1",
-       "--config.eval.steps=0", "--config.checkpoint.every=1", "--config.checkpoint.keep=2"]
+       f"--config.train.steps={STEPS}", *(f"--config.{o}" for o in OVERRIDES)]
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +108,79 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_the_same(reference, 
     assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
     finish(workdir)
     assert losses(workdir) == reference[1], f"stopped after step {step}"
+
+
+def mean_loss(params, graphdef, batch) -> float:
+    _, (ce_sum, weight_sum) = loss_sums(params, graphdef, contract(batch))
+    return float(ce_sum / weight_sum)
+
+
+def test_init_from_into_4x_seq_len_and_another_theta_trains(reference, tmp_path, devices,
+                                                           capsys):
+    """The paper's recipe: a new stage at a longer context with another RoPE theta."""
+    source, _ = reference
+    stage = load("configs/paper.py:variant=rnope_swa,window=8,seq_len=64,theta=500000.0",
+                 [*OVERRIDES, "train.steps=3", f"train.init_from={source}",
+                  "checkpoint.enabled=False"])
+    history = train(stage, tmp_path / "stage", devices=devices[:1])
+    assert all(np.isfinite(row["loss"]) for row in history)
+    assert f"new stage: params from {source}/checkpoints/{STEPS}" in capsys.readouterr().out
+
+    # Oracle for the first step's loss: the source's parameters in the stage's model, and a
+    # fresh init of the same model, on the stage's first batch.
+    batch = next(make_train_iterator(stage, 0, 1))
+    graphdef, _ = abstract_model(stage.model.to_dict(), stage.train.seed)
+    _, source_model, _ = load_model(source)
+    loaded = nnx.to_pure_dict(nnx.state(source_model, nnx.Param))
+    with nnx.use_eager_sharding(False):
+        fresh = nnx.to_pure_dict(nnx.state(Transformer(stage.model.to_dict(),
+                                                       rngs=nnx.Rngs(params=0)), nnx.Param))
+    first = history[0]["loss"]
+    np.testing.assert_allclose(first, mean_loss(loaded, graphdef, batch), rtol=1e-5)
+    assert first < mean_loss(fresh, graphdef, batch) - 0.5
+
+
+WORKER = """
+import sys
+import jax
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from hybridlm.config import load
+from hybridlm.train.trainer import train
+train(load(sys.argv[4], sys.argv[5:]), workdir)
+jax.distributed.shutdown()
+"""
+
+
+def start_two_processes(workdir: Path) -> list[subprocess.Popen]:
+    """One run over two processes of one CPU device each (gloo on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(workdir),
+                              RUN[1], f"train.steps={STEPS}", *OVERRIDES], cwd=REPO_ROOT,
+                             env=env, stdout=open(workdir.with_suffix(f".{i}.log"), "a"),
+                             stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    workdir = tmp_path / "two"
+    workers = start_two_processes(workdir)
+    wait_for_step(workers[0], workdir, random.randint(3, STEPS // 2))
+    workers[1].send_signal(signal.SIGTERM)
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    log = workdir.with_suffix(".0.log").read_text()
+    stopped = re.search(r"SIGTERM: stopped after step (\d+) and saved a checkpoint", log)
+    assert stopped, log[-3000:]
+    step = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
+    data = workdir / "checkpoints" / str(step) / "data"
+    assert {p.name for p in data.glob("*.json")} == {"process_0-of-2.json",
+                                                     "process_1-of-2.json"}
+    workers = start_two_processes(workdir)
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    assert f"resuming from {workdir / 'checkpoints' / str(step)}" in \
+        workdir.with_suffix(".0.log").read_text()
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))

@@ -145,10 +145,6 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     workdir = Path(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
-    if checkpoints is None:
-        checkpoints = (checkpoint_lib.Checkpointer(cfg, workdir) if cfg.checkpoint.enabled
-                       else NoCheckpoints())
-    stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
 
     # ---- mesh ----------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices)
@@ -162,6 +158,12 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
         print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
               f"devices, {process_count} process(es)", flush=True)
 
+    # ---- checkpoints (once the mesh is known to fit) ------------------------------------
+    stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
+    if checkpoints is None:
+        checkpoints = (checkpoint_lib.Checkpointer(cfg, workdir) if cfg.checkpoint.enabled
+                       else NoCheckpoints())
+
     # ---- data ----------------------------------------------------------------------
     if train_iter is None:
         train_iter = data_pipeline.make_train_iterator(cfg, process_index, process_count)
@@ -171,7 +173,11 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     graphdef, params_meta = abstract_model(model_cfg, t.seed)
     tx = make_optimizer(t, mask=decay_mask(params_meta))
     layout = make_layout(graphdef, params_meta, tx, mesh)
-    restored = checkpoints.restore(layout)
+    try:
+        restored = checkpoints.restore(layout)
+    except BaseException:  # e.g. a config that changes shapes: no save is pending
+        checkpoints.close()
+        raise
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
