@@ -47,8 +47,8 @@ class Attention(nnx.Module):
             self.q_norm, self.k_norm = Norm(head_dim, **kw), Norm(head_dim, **kw)
         self.sinks = param(rngs, (num_heads,), ("heads",), 0.0) if spec.sink else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None) -> jax.Array:
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """q [B, T, H, D], k and v [B, T, Hkv, D], with QK-norm, RoPE and temperature applied."""
         spec = self.spec
         q = dense(x, self.wq[...])  # [B, T, H, D]
         kv = dense(x, self.wkv[...])  # [B, T, 2, Hkv, D]
@@ -66,10 +66,22 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: ops.LayerCache | None = None):
+        """Output [B, T, d_model]; with a KV cache (decoding), (output, updated cache)."""
+        spec = self.spec
+        q, k, v = self.project(x, positions)
+        sinks = None if self.sinks is None else self.sinks[...]
+        kernel = dict(block_q=self.block_q, block_kv=self.block_kv)
+        if cache is not None:
+            out, cache = ops.kv_cache.attend(cache, q, k, v, positions, window=spec.window,
+                                             chunk=spec.chunk, impl=self.impl, sinks=sinks,
+                                             **kernel)
+            return dense(out, self.wo[...], contract=2), cache
         mask = ops.MaskSpec(causal=True, window=spec.window, chunk=spec.chunk,
                             q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                             q_positions=positions, kv_positions=positions)
-        sinks = None if self.sinks is None else self.sinks[...]
-        out = ops.attention(q, k, v, mask, self.impl, sinks=sinks, block_q=self.block_q,
-                            block_kv=self.block_kv)
+        out = ops.attention(q, k, v, mask, self.impl, sinks=sinks, **kernel)
         return dense(out, self.wo[...], contract=2)

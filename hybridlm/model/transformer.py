@@ -12,7 +12,7 @@ is not a multiple of the pattern) form a short unstacked tail group.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -48,12 +48,18 @@ class Block(nnx.Module):
         self.mlp_norm = None if self.parallel else Norm(d, **norm)
         self.mlp = MLP(d, cfg["mlp_dim"], cfg["activation"], std, out_std, rngs)
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, cache=None):
+        """x + attention + MLP; with a KV cache, (output, updated cache)."""
         h = self.attn_norm(x)
+        a = self.attn(h, positions, segment_ids, cache)
+        if cache is not None:
+            a, cache = a
         if self.parallel:
-            return x + self.attn(h, positions, segment_ids) + self.mlp(h)
-        x = x + self.attn(h, positions, segment_ids)
-        return x + self.mlp(self.mlp_norm(x))
+            x = x + a + self.mlp(h)
+        else:
+            x = x + a
+            x = x + self.mlp(self.mlp_norm(x))
+        return x if cache is None else (x, cache)
 
 
 class Group(nnx.Module):
@@ -62,10 +68,17 @@ class Group(nnx.Module):
     def __init__(self, cfg: Mapping[str, Any], specs: list[LayerSpec], rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, spec, rngs) for spec in specs])
 
-    def __call__(self, x, positions, segment_ids):
-        for block in self.blocks:
-            x = constrain(block(x, positions, segment_ids), ("batch", "length", "embed"))
-        return x
+    def __call__(self, x, positions, segment_ids, caches=None):
+        """Run the blocks in order; with caches (one per block), also return the new ones."""
+        if caches is None:
+            for block in self.blocks:
+                x = constrain(block(x, positions, segment_ids), ("batch", "length", "embed"))
+            return x
+        new = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block(x, positions, segment_ids, cache)
+            new.append(cache)
+        return x, tuple(new)
 
 
 class Transformer(nnx.Module):
@@ -93,32 +106,49 @@ class Transformer(nnx.Module):
         self.head = None if cfg["tie_embeddings"] else param(
             rngs, (d, vocab), ("embed", "vocab"), cfg["init_std"])
 
-    def _run_groups(self, x, positions, segment_ids):
+    def _run_groups(self, x, positions, segment_ids, caches=None):
+        """Scan one group's code over the stacked groups (and their stacked caches)."""
         graphdef, stacked = nnx.split(self.groups)
 
-        def body(x, group_state):
-            return nnx.merge(graphdef, group_state)(x, positions, segment_ids), None
+        def body(x, xs):
+            group_state, group_caches = xs
+            out = nnx.merge(graphdef, group_state)(x, positions, segment_ids, group_caches)
+            return (out, None) if group_caches is None else out
 
         if REMAT_POLICIES[self.remat] is not None:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         unroll = 1 if self.scan_layers else self.num_groups
-        x, _ = jax.lax.scan(body, x, stacked, unroll=unroll)
-        return x
+        return jax.lax.scan(body, x, (stacked, caches), unroll=unroll)
+
+    def blocks(self) -> Iterator[Block]:
+        """Every block in depth order, as separate modules (a Python loop, for analysis)."""
+        if self.groups is not None:
+            graphdef, stacked = nnx.split(self.groups)
+            for g in range(self.num_groups):
+                yield from nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], stacked)).blocks
+        if self.tail is not None:
+            yield from self.tail.blocks
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        table = constrain(self.embed[...], ("vocab", "embed"))  # gathered whole per shard
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+        return constrain(x, ("batch", "length", "embed"))
 
     def features(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """Final normed hidden states [B, T, d_model]."""
+                 segment_ids: jax.Array | None = None, cache: dict | None = None):
+        """Final normed hidden states [B, T, d_model]; with a cache, (states, new cache)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                          tokens.shape)
-        table = constrain(self.embed[...], ("vocab", "embed"))  # gathered whole per shard
-        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = self.embed_tokens(tokens)
+        new_cache = {"groups": None, "tail": None}
         if self.groups is not None:
-            x = self._run_groups(x, positions, segment_ids)
+            x, new_cache["groups"] = self._run_groups(
+                x, positions, segment_ids, None if cache is None else cache["groups"])
         if self.tail is not None:
-            x = self.tail(x, positions, segment_ids)
-        return self.final_norm(x)
+            out = self.tail(x, positions, segment_ids, None if cache is None else cache["tail"])
+            x, new_cache["tail"] = (out, None) if cache is None else out
+        return self.final_norm(x) if cache is None else (self.final_norm(x), new_cache)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states -> float32 logits (tied or untied head, times logit_scale)."""
@@ -129,5 +159,9 @@ class Transformer(nnx.Module):
         return constrain(out, ("batch", "length", "vocab"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.features(tokens, positions, segment_ids))
+                 segment_ids: jax.Array | None = None, cache: dict | None = None):
+        """Logits [B, T, vocab]; with a KV cache (hybridlm.infer), (logits, new cache)."""
+        if cache is None:
+            return self.logits(self.features(tokens, positions, segment_ids))
+        h, cache = self.features(tokens, positions, segment_ids, cache)
+        return self.logits(h), cache

@@ -1,0 +1,117 @@
+"""PNG plots of evaluation results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def needle_heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[float],
+                   path: str | Path, title: str = "needle in a haystack",
+                   train_len: int | None = None) -> None:
+    """scores [len(depths), len(lengths)] in [0, 1] as a green-red grid."""
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.45 * len(depths)))
+    im = ax.imshow(scores, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(scores.shape[0]):
+        for j in range(scores.shape[1]):
+            ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    if train_len is not None and train_len in lengths:
+        ax.axvline(list(lengths).index(train_len) + 0.5, color="black", lw=1, ls="--")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    _save(fig, path)
+
+
+def lines_by_length(series: Mapping[str, Sequence[float]], lengths: Sequence[int],
+                    path: str | Path, ylabel: str, title: str,
+                    train_len: int | None = None) -> None:
+    """One line per series (task or variant) over context lengths."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, values in series.items():
+        ax.plot(range(len(lengths)), values, marker="o", label=name)
+    ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
+    if train_len is not None and train_len in lengths:
+        ax.axvline(list(lengths).index(train_len), color="gray", lw=1, ls="--",
+                   label="training length")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def loss_by_position(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                     path: str | Path, train_len: int | None = None,
+                     title: str = "loss by position") -> None:
+    """curves: name -> (bucket centre positions, mean loss)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, marker=".", label=name)
+    if train_len is not None:
+        ax.axvline(train_len, color="gray", lw=1, ls="--", label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def segment_bars(masses: Mapping[str, Mapping[str, float]], path: str | Path,
+                 title: str = "attention mass of the question tokens") -> None:
+    """masses: row label (variant / layer type / length) -> {segment: mass}; stacked bars."""
+    rows = list(masses)
+    segments = list(next(iter(masses.values())))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(rows), 3.8))
+    bottom = np.zeros(len(rows))
+    for seg in segments:
+        vals = np.array([masses[r][seg] for r in rows])
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=seg)
+        bottom += vals
+    ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("attention mass")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper right")
+    _save(fig, path)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bars(values: Mapping[str, Mapping[str, float | None]], path: str | Path, ylabel: str,
+         title: str) -> None:
+    """Grouped bars: one group per row (e.g. sweep point), one bar per metric."""
+    rows = list(values)
+    metrics = list(next(iter(values.values())))
+    width = 0.8 / max(len(metrics), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(rows), 3.6))
+    for i, m in enumerate(metrics):
+        ys = [values[r][m] if values[r][m] is not None else np.nan for r in rows]
+        ax.bar(np.arange(len(rows)) + i * width, ys, width, label=m)
+    ax.set_xticks(np.arange(len(rows)) + width * (len(metrics) - 1) / 2, rows, rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    _save(fig, path)
