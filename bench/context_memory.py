@@ -3,13 +3,13 @@
     python bench/context_memory.py                   # T=16k, tiny RNoPE-SWA, 8 fake CPU devices
     python bench/context_memory.py --length 32768 --device-gb 1 --steps 2
 
-1. Compiles the training step for one device (mesh.context=1) and for `--context` devices
-   (mesh.context=N, the sequence split N ways) and reads XLA's memory analysis of each:
-   per-device bytes = arguments + outputs + temporaries - aliased (donated) bytes.
-2. Declares a device of `--device-gb` (fake CPU devices have no memory limit of their own,
-   so the capacity is stated, not discovered) and reports which steps fit.
-3. Trains `--steps` steps with mesh.context=N through the ordinary trainer and prints the
-   logged losses. Writes everything to JSON.
+1. Compiles the training step for one device (mesh.context=1) and reads XLA's memory
+   analysis: per-device bytes = arguments + outputs + temporaries - aliased (donated) bytes.
+2. Trains `--steps` steps with mesh.context=N (the sequence split N ways) through the
+   ordinary trainer, and reads the same analysis of the very step it compiled and ran.
+3. Declares a device of `--device-gb` (fake CPU devices have no memory limit of their own,
+   so the capacity is stated, not discovered) and reports which step fits.
+Writes everything to JSON.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from attention import machine  # noqa: E402
 
 from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.parallel import make_mesh  # noqa: E402
+from hybridlm.train import trainer  # noqa: E402
 from hybridlm.train.optim import decay_mask, make_optimizer  # noqa: E402
 from hybridlm.train.state import abstract_model, make_layout  # noqa: E402
-from hybridlm.train.trainer import compile_train_step, train  # noqa: E402
 
 
 def load_config(args, context: int):
@@ -50,22 +50,46 @@ def load_config(args, context: int):
          f"mesh.context_attention={args.context_attention}"])
 
 
-def step_memory(args, context: int) -> dict:
-    """XLA's per-device memory analysis of the compiled training step."""
-    cfg = load_config(args, context)
-    devices = jax.devices()[:context]
-    mesh = make_mesh(cfg.mesh, devices)
-    graphdef, meta = abstract_model(cfg.model.to_dict(), cfg.train.seed)
-    tx = make_optimizer(cfg.train, decay_mask(meta))
-    layout = make_layout(graphdef, meta, tx, mesh)
-    start = time.perf_counter()
-    m = compile_train_step(cfg, mesh, layout, tx).memory_analysis()
+def memory_row(m, context: int, seconds: float) -> dict:
+    """Per-device bytes from a compiled step's memory analysis."""
     total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
              m.alias_size_in_bytes)
     return {"context": context, "argument_bytes": m.argument_size_in_bytes,
             "output_bytes": m.output_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
             "alias_bytes": m.alias_size_in_bytes, "per_device_bytes": total,
-            "compile_s": round(time.perf_counter() - start, 1)}
+            "compile_s": round(seconds, 1)}
+
+
+def step_memory(args, context: int) -> dict:
+    """XLA's per-device memory analysis of the training step, compiled but not run."""
+    cfg = load_config(args, context)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:context])
+    graphdef, meta = abstract_model(cfg.model.to_dict(), cfg.train.seed)
+    tx = make_optimizer(cfg.train, decay_mask(meta))
+    layout = make_layout(graphdef, meta, tx, mesh)
+    start = time.perf_counter()
+    compiled = trainer.compile_train_step(cfg, mesh, layout, tx)
+    return memory_row(compiled.memory_analysis(), context, time.perf_counter() - start)
+
+
+def train_recording_memory(args) -> tuple[list[dict], dict]:
+    """Train with mesh.context=N; also return the memory analysis of the step it ran."""
+    recorded = {}
+    compile_step = trainer.compile_train_step
+
+    def recording(cfg, mesh, layout, tx):
+        start = time.perf_counter()
+        compiled = compile_step(cfg, mesh, layout, tx)
+        recorded.update(memory_row(compiled.memory_analysis(), mesh.shape["context"],
+                                   time.perf_counter() - start))
+        return compiled
+
+    trainer.compile_train_step = recording
+    try:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="context_memory_")
+        return trainer.train(load_config(args, args.context), workdir), recorded
+    finally:
+        trainer.compile_train_step = compile_step
 
 
 def main() -> None:
@@ -81,21 +105,19 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/context_memory.json")
     args = p.parse_args()
     capacity = args.device_gb * 1e9
-    rows = []
-    for context in (1, args.context):
-        row = step_memory(args, context)
-        row["fits"] = row["per_device_bytes"] <= capacity
-        rows.append(row)
-        print(f"mesh.context={context}: {row['per_device_bytes'] / 1e9:.2f} GB per device "
-              f"(temp {row['temp_bytes'] / 1e9:.2f} GB) -> "
-              f"{'fits' if row['fits'] else 'does not fit'} a {args.device_gb} GB device "
-              f"(compiled in {row['compile_s']} s)", flush=True)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="context_memory_")
+    rows = [step_memory(args, 1)]
     start = time.perf_counter()
-    history = train(load_config(args, args.context), workdir)
+    history, trained = train_recording_memory(args)
     losses = [row["loss"] for row in history]
     print(f"trained {args.steps} steps of T={args.length} with mesh.context={args.context} "
           f"in {time.perf_counter() - start:.0f} s: losses {[round(x, 4) for x in losses]}")
+    rows.append(trained)
+    for row in rows:
+        row["fits"] = row["per_device_bytes"] <= capacity
+        print(f"mesh.context={row['context']}: {row['per_device_bytes'] / 1e9:.3f} GB per "
+              f"device (temp {row['temp_bytes'] / 1e9:.3f} GB) -> "
+              f"{'fits' if row['fits'] else 'does not fit'} a {args.device_gb} GB device "
+              f"(compiled in {row['compile_s']} s)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "settings": vars(args), "memory": rows,
