@@ -106,11 +106,13 @@ def check_length(mesh: Mesh, mesh_cfg: Mapping[str, Any], seq_len: int) -> None:
 
 def reorder_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
                   mesh_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """[rows, T] host arrays in the layout's order (a no-op without context parallelism)."""
+    """[rows, T] host arrays in the layout's order (a no-op without context parallelism);
+    arrays of other ranks pass through."""
     layout = layout_of(mesh, mesh_cfg)
     if layout.shards == 1 or layout.kind == "contiguous":
         return dict(batch)
-    return {key: value[:, layout.order(value.shape[1])] for key, value in batch.items()}
+    return {key: value[:, layout.order(value.shape[1])] if np.ndim(value) == 2 else value
+            for key, value in batch.items()}
 
 
 @contextlib.contextmanager
