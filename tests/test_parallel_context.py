@@ -145,3 +145,14 @@ def test_sequence_must_split_into_the_layout_chunks(devices):
 def test_config_rejects_unknown_context_choices(field, value):
     with pytest.raises(ConfigError, match=f"mesh.{field} is '{value}'"):
         tiny_config(f"mesh.{field}={value}")
+
+
+def test_reorder_batch_puts_rows_in_the_layout_order(devices):
+    mesh = make_mesh({"data": 2, "fsdp": 1, "context": 4, "tensor": 1}, devices)
+    tokens = np.tile(np.arange(16), (2, 1))
+    got = reorder_batch({"inputs": tokens, "ids": np.arange(2)}, mesh,
+                        {"context_layout": "zigzag"})
+    assert got["inputs"][1].tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+    assert got["ids"].tolist() == [0, 1]  # not [rows, T]: passed through
+    same = reorder_batch({"inputs": tokens}, mesh, {"context_layout": "contiguous"})
+    assert same["inputs"].tolist() == tokens.tolist()
