@@ -42,9 +42,8 @@ def test_layouts_place_chunks_and_find_left_neighbours():
 
 @pytest.mark.parametrize("layout,impl,window,sinks", [
     ("zigzag", "ring", 5, False),  # halo: 4 keys from each chunk's left neighbour
-    ("zigzag", "allgather", None, True),  # full causal layer, with GPT-OSS sinks
-    ("contiguous", "ring", None, False),
-])
+    ("contiguous", "allgather", None, True),  # full causal layer, with GPT-OSS sinks
+])  # zig-zag full layers (all-gather and ring): test_loss_and_gradients_match_one_device
 def test_attention_matches_dense_oracle_with_packed_segments(devices, layout, impl, window,
                                                             sinks):
     mesh = make_mesh({"data": 1, "fsdp": 2, "context": 4, "tensor": 1}, devices)
