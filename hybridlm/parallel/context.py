@@ -90,7 +90,8 @@ class Layout:
 
 
 def layout_of(mesh: Mesh, mesh_cfg: Mapping[str, Any]) -> Layout:
-    return Layout(mesh.shape[AXIS], mesh_cfg["context_layout"])
+    """The mesh's layout (configs written before these fields existed get the default)."""
+    return Layout(mesh.shape[AXIS], mesh_cfg.get("context_layout", "zigzag"))
 
 
 def check_length(mesh: Mesh, mesh_cfg: Mapping[str, Any], seq_len: int) -> None:
@@ -121,7 +122,8 @@ def context_parallel(mesh: Mesh, mesh_cfg: Mapping[str, Any]) -> Iterator[None]:
     if mesh.shape[AXIS] == 1:
         yield
         return
-    handler = functools.partial(context_attention, mesh=mesh, impl=mesh_cfg["context_attention"],
+    impl = mesh_cfg.get("context_attention", "allgather")
+    handler = functools.partial(context_attention, mesh=mesh, impl=impl,
                                 layout=layout_of(mesh, mesh_cfg))
     with parallel_attention(handler):
         yield
