@@ -111,6 +111,9 @@ def defaults() -> mlc.ConfigDict:
     mh.fsdp = 1  # split parameters and optimizer state (and the batch) over this many
     mh.context = 1  # split the sequence over this many devices
     mh.tensor = 1  # split heads, MLP units and vocabulary over this many devices
+    # context parallelism (mesh.context > 1; hybridlm/parallel/context.py, docs/training.md)
+    mh.context_attention = "allgather"  # full layers fetch keys by "allgather" | "ring"
+    mh.context_layout = "zigzag"  # "zigzag" (equal causal work per device) | "contiguous"
 
     c.eval = ev = mlc.ConfigDict()
     ev.every = 100  # evaluate on the validation split every this many steps (0: at the end)
@@ -397,6 +400,10 @@ def _validate_mesh(mesh: mlc.ConfigDict) -> None:
                  and (value == -1 or value >= 1),
                  f"mesh.{axis} must be an integer >= 1, or -1 for the remaining devices; "
                  f"got {value!r}")
+    for field, allowed in (("context_attention", ("allgather", "ring")),
+                           ("context_layout", ("zigzag", "contiguous"))):
+        _require(mesh[field] in allowed,
+                 f"mesh.{field} is {mesh[field]!r}; choose one of {allowed}")
     free = [axis for axis in MESH_AXES if mesh[axis] == -1]
     _require(len(free) <= 1, f"only one mesh field may be -1 (the rest of the devices); "
              f"got {', '.join('mesh.' + a for a in free)}")

@@ -21,6 +21,8 @@ MESHES = {
     # with 2 microbatches of 4 rows: the same updates as batches of 8
     "data2_fsdp2_tensor2_accum2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
                                    "train.grad_accum_steps=2"),
+    # the sequence split in two, zig-zag reordered on the host (tests/test_parallel_context.py)
+    "data4_context2": ("mesh.data=4", "mesh.context=2"),
 }
 
 

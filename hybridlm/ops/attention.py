@@ -12,13 +12,23 @@ which kernel runs is a config choice (`model.attention_impl`), never model code.
 
 A kernel that cannot express a case (cuDNN and packing, say) hands it to blockwise
 and says so once in the log.
+
+Parallelism hook: code that runs the model over a device mesh (the trainer) may install
+a handler with `parallel_attention(handler)` around tracing. `attention` then calls
+`handler(q, k, v, spec, local=..., scale=..., sinks=...)` instead of a kernel; `local`
+is this module's kernel dispatch with the configured impl and tiles bound, for the
+handler to run on each device's shard (hybridlm/parallel/context.py splits the sequence
+over the mesh's `context` axis this way). Without a handler nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +40,8 @@ from hybridlm.ops.masks import MaskSpec, dense_mask
 IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
+_handler: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "attention_parallel_handler", default=None)
 
 
 def dense_attention(q, k, v, spec: MaskSpec, *, scale: float, sinks=None) -> jax.Array:
@@ -89,6 +101,16 @@ def _fall_back(impl: str, reason: str) -> str:
     return "blockwise"
 
 
+@contextlib.contextmanager
+def parallel_attention(handler: Callable | None) -> Iterator[None]:
+    """Route every `attention` call traced inside this block through `handler`."""
+    token = _handler.set(handler)
+    try:
+        yield
+    finally:
+        _handler.reset(token)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str = "auto",
               *, scale: float | None = None, sinks: jax.Array | None = None,
               block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
@@ -103,6 +125,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: st
         raise ValueError(f"attention: q {q.shape} and k {k.shape} disagree (batch, head_dim, "
                          "or heads not a multiple of kv heads)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    local = functools.partial(local_attention, impl=impl, block_q=block_q, block_kv=block_kv)
+    handler = _handler.get()
+    if handler is not None:
+        return handler(q, k, v, spec, local=local, scale=scale, sinks=sinks)
+    return local(q, k, v, spec, scale=scale, sinks=sinks)
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
+                    impl: str, scale: float, sinks: jax.Array | None = None,
+                    block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
+    """The kernel `impl` resolves to, on arrays this device sees whole."""
     name = resolve_impl(impl)
     if name in _UNSUPPORTED:
         reason = _UNSUPPORTED[name](q, k, spec, sinks)

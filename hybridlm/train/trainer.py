@@ -24,6 +24,7 @@ from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
 from hybridlm.model import flops_per_token
 from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, replicated
+from hybridlm.parallel.context import check_length, context_parallel, reorder_batch
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train import checkpoint as checkpoint_lib
 from hybridlm.train.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb
@@ -116,7 +117,7 @@ def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                       for k, d in BATCH_KEYS.items()}
     step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
                               z_loss=t.z_loss)
-    with activation_sharding(mesh):
+    with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
         return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
                        out_shardings=(layout.shardings, replicated(mesh)),
                        donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
@@ -149,6 +150,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     # ---- mesh ----------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(mesh, t.batch_size, seq_len, "train.batch_size", process_count)
+    check_length(mesh, cfg.mesh, seq_len)
     if t.grad_accum_steps > 1:
         check_batch(mesh, t.batch_size // t.grad_accum_steps, seq_len,
                     "train.batch_size / train.grad_accum_steps", process_count)
@@ -205,8 +207,9 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
               f"{'resuming at' if start else 'starting at'} step {start}", flush=True)
 
     def run_eval(params) -> float | None:
-        batches = data_pipeline.make_eval_iterator(cfg, process_index, process_count)
-        with activation_sharding(mesh):
+        batches = (reorder_batch(b, mesh, cfg.mesh) for b in
+                   data_pipeline.make_eval_iterator(cfg, process_index, process_count))
+        with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
             return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
 
     # ---- loop ----------------------------------------------------------------------
@@ -217,7 +220,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     try:
         for step in range(start, t.steps):
             local = first if step == start else next(train_iter)
-            state, metrics = train_step(state, put_batch(contract(local), mesh, rows))
+            batch = reorder_batch(contract(local), mesh, cfg.mesh)  # the context layout
+            state, metrics = train_step(state, put_batch(batch, mesh, rows))
             writer.advance()
             window_steps += 1
             done = step + 1
