@@ -151,6 +151,17 @@ def test_a_shape_change_in_the_same_workdir_is_refused_naming_the_fields(trained
     assert "model.layer_types" not in str(e.value)
 
 
+def test_config_changes_that_keep_shapes_are_listed_and_resume(trained, devices, capsys):
+    _, workdir, saved, _ = trained
+    cfg = tiny_config(DENSE, "train.learning_rate=0.001", "data.seq_len=32")
+    _, layout = build_layout(cfg, devices)
+    state, _ = restore(cfg, workdir, layout)
+    assert_trees_equal(state, saved[2])
+    out = capsys.readouterr().out
+    assert "config changed since checkpoint 2:" in out
+    assert "data.seq_len: 16 -> 32" in out and "train.learning_rate: 0.003 -> 0.001" in out
+
+
 def test_init_from_refuses_other_shapes_before_anything_compiles(trained):
     _, workdir, _, _ = trained
     cfg = tiny_config(DENSE, "model.num_layers=8", f"train.init_from={workdir}")
