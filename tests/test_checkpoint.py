@@ -121,8 +121,8 @@ def test_a_truncated_file_of_the_latest_checkpoint_falls_back_to_the_previous(
     cfg, workdir, saved, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    # the array data that a restore reads (Orbax merges each process's ocdbt.process_<i>/d/
-    # into state/d/ when a save completes)
+    # the array data a restore reads: the finished checkpoint's state/d/ (truncating files
+    # under state/ocdbt.process_0/d/ instead left the restore unaffected when tried here)
     data_file = max((copy / "checkpoints/2/state/d").iterdir(), key=lambda p: p.stat().st_size)
     with open(data_file, "r+b") as f:
         f.truncate(data_file.stat().st_size // 2)
