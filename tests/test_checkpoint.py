@@ -121,8 +121,8 @@ def test_a_truncated_file_of_the_latest_checkpoint_falls_back_to_the_previous(
     cfg, workdir, saved, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    # the array data that a restore reads (Orbax merges each process's ocdbt.process_<i>/d/
-    # into state/d/ when a save completes)
+    # the array data a restore reads: the finished checkpoint's state/d/ (truncating files
+    # under state/ocdbt.process_0/d/ instead left the restore unaffected when tried here)
     data_file = max((copy / "checkpoints/2/state/d").iterdir(), key=lambda p: p.stat().st_size)
     with open(data_file, "r+b") as f:
         f.truncate(data_file.stat().st_size // 2)
@@ -149,6 +149,17 @@ def test_a_shape_change_in_the_same_workdir_is_refused_naming_the_fields(trained
     with pytest.raises(CheckpointError, match=r"model\.mlp_dim.*train\.init_from=") as e:
         restore(cfg, workdir, layout)
     assert "model.layer_types" not in str(e.value)
+
+
+def test_config_changes_that_keep_shapes_are_listed_and_resume(trained, devices, capsys):
+    _, workdir, saved, _ = trained
+    cfg = tiny_config(DENSE, "train.learning_rate=0.001", "data.seq_len=32")
+    _, layout = build_layout(cfg, devices)
+    state, _ = restore(cfg, workdir, layout)
+    assert_trees_equal(state, saved[2])
+    out = capsys.readouterr().out
+    assert "config changed since checkpoint 2:" in out
+    assert "data.seq_len: 16 -> 32" in out and "train.learning_rate: 0.003 -> 0.001" in out
 
 
 def test_init_from_refuses_other_shapes_before_anything_compiles(trained):

@@ -156,7 +156,6 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
                     "train.batch_size / train.grad_accum_steps", process_count)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        config_lib.save(cfg, workdir / "config.json")
         print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
               f"devices, {process_count} process(es)", flush=True)
 
@@ -180,6 +179,8 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     except BaseException:  # e.g. a config that changes shapes: no save is pending
         checkpoints.close()
         raise
+    if is_main:  # after the checkpoints accepted this config
+        config_lib.save(cfg, workdir / "config.json")
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
