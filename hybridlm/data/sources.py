@@ -7,6 +7,7 @@ A source spec is one of
   [jsonl:]PATH                     JSON lines (*.jsonl); data.text_field holds the text
   [parquet:]PATH                   Parquet files (*.parquet); data.text_field is the column
   [prepared:]DIR                   the output of `hybridlm prepare` (holds manifest.json)
+  retrieval:COUNT[:CHARS]          synthetic retrieval documents (hybridlm/data/synthetic.py)
 Without a prefix the kind follows from the path. Several sources are separated by commas
 and mixed with data.weights.
 
@@ -28,10 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hybridlm.config import ConfigError
-from hybridlm.data import corpus
+from hybridlm.data import corpus, synthetic
 
 BUILTIN = ("stdlib", "shakespeare")
-KINDS = ("text", "jsonl", "parquet", "prepared")
+KINDS = ("text", "jsonl", "parquet", "prepared", "retrieval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,8 @@ def _parse_one(item: str) -> SourceSpec:
         return SourceSpec(item, "")
     kind, sep, rest = item.partition(":")
     if sep and kind in KINDS:
+        if kind == "retrieval":
+            synthetic.parse_spec(rest)  # a malformed spec fails here, before anything runs
         return SourceSpec(kind, rest)
     path = Path(item).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
@@ -94,6 +97,8 @@ def source_files(spec: SourceSpec, cache_root: Path) -> list[Path]:
         return files
     if spec.kind == "shakespeare":
         return corpus.shakespeare_files(cache_root)
+    if spec.kind == "retrieval":  # generated; the stdlib (its haystack) stands for its files
+        return [corpus.stdlib_dir()]
     matches = _matches(spec.location)
     if not matches:
         raise ConfigError(f"data.source {spec.label!r}: no such file or directory, and no glob "
@@ -115,7 +120,7 @@ def source_files(spec: SourceSpec, cache_root: Path) -> list[Path]:
 
 def fingerprint(spec: SourceSpec, files: list[Path]) -> str:
     """Changes when a file is added, removed or modified (or, for stdlib, Python changes)."""
-    version = sys.version if spec.kind == "stdlib" else ""
+    version = sys.version if spec.kind in ("stdlib", "retrieval") else ""
     h = hashlib.sha256(f"{spec.kind}\n{spec.location}\n{version}\n".encode())
     for path in files:
         st = path.stat()
@@ -130,6 +135,10 @@ class Counts(collections.Counter):
 def read_documents(spec: SourceSpec, files: list[Path], counts: Counts, text_field: str = "text",
                    on_bad_record: str = "error") -> Iterator[tuple[str, str]]:
     """Yield (name, text) for every non-empty document; the name decides the split."""
+    if spec.kind == "retrieval":
+        for name, text in synthetic.retrieval_documents(*synthetic.parse_spec(spec.location)):
+            yield from _keep(name, text, counts)
+        return
     base = _base(spec)
     for path in files:
         name = f"{spec.kind}/{path.name}" if spec.kind == "shakespeare" else \

@@ -1,0 +1,89 @@
+"""Synthetic retrieval documents to train on: `data.source=stdlib,retrieval:4000`.
+
+A model of a few million parameters trained on source code alone never learns to retrieve a
+number from far back, so the paper's needle and attention-mass measurements would see
+nothing. Mixing in documents built by the very generators the evaluation uses
+(hybridlm/eval/tasks.py: passkey-style single needles, multi-key, multi-value, multi-query,
+variable tracking), with the answer appended, teaches the skill; the training documents draw
+keys and numbers from the `train` split of `Content`, disjoint from what evaluation asks.
+
+The generators work on token ids; here they run on characters (one id per Unicode code
+point), so the documents are text and go through `hybridlm prepare` like any other source.
+The haystack is stdlib text from files in the upper half of the name-hash range, which no
+`data.val_fraction` up to 0.5 holds out: validation text is never trained on.
+
+Spec: `retrieval:COUNT[:CHARS]`, COUNT documents of CHARS/4..CHARS characters (default 1024,
+keep it at most data.seq_len so that a question is not cut from its context).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import numpy as np
+
+from hybridlm.config import ConfigError
+
+TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+               "variable_tracking")
+DEFAULT_CHARS = 1024
+MIN_CHARS = 128
+HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
+
+
+def parse_spec(location: str) -> tuple[int, int]:
+    """'4000' -> (4000, 1024); '4000:2048' -> (4000, 2048); anything else: ConfigError."""
+    parts = location.split(":")
+    try:
+        count = int(parts[0])
+        chars = int(parts[1]) if len(parts) > 1 else DEFAULT_CHARS
+    except (ValueError, IndexError):
+        count = chars = -1
+    if len(parts) > 2 or count < 1 or chars < MIN_CHARS:
+        raise ConfigError(f"data.source 'retrieval:{location}': write retrieval:COUNT or "
+                          f"retrieval:COUNT:CHARS with COUNT >= 1 documents and CHARS >= "
+                          f"{MIN_CHARS} characters each at most")
+    return count, chars
+
+
+class CharCodec:
+    """Characters as ids, so the token-level task generators build text."""
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int32)
+
+    def decode(self, ids: np.ndarray) -> str:
+        return np.asarray(ids, np.uint32).tobytes().decode("utf-32-le")
+
+
+@functools.cache
+def haystack_chars() -> np.ndarray:
+    """Stdlib text that is never validation (name hash in the upper half), as code points."""
+    from hybridlm.data import corpus
+    from hybridlm.data.sources import name_hash
+
+    root = corpus.stdlib_dir().parent
+    texts = []
+    for path in corpus.stdlib_files():
+        if name_hash(path.relative_to(root).as_posix()) >= 2**62:
+            texts.append(path.read_bytes().decode("utf-8", errors="replace"))
+        if len(texts) == HAYSTACK_FILES:
+            break
+    if not texts:
+        raise ConfigError("data.source 'retrieval:...': found no stdlib text for haystacks")
+    return CharCodec().encode("\n".join(texts))
+
+
+def retrieval_documents(count: int, max_chars: int, seed: int = 0
+                        ) -> Iterator[tuple[str, str]]:
+    """(name, text) of `count` retrieval documents, each a task prompt plus its answer."""
+    from hybridlm.eval.tasks import TASKS, Content, as_document
+
+    codec, haystack = CharCodec(), haystack_chars()
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        task = TRAIN_TASKS[i % len(TRAIN_TASKS)]
+        length = int(rng.integers(max_chars // 4, max_chars + 1))
+        sample = TASKS[task](codec, haystack, length, float(rng.uniform()), Content(rng, "train"))
+        yield f"retrieval/{task}/{i:07d}", codec.decode(as_document(sample, codec))

@@ -1,0 +1,62 @@
+"""Synthetic retrieval documents: well-formed, reproducible, train content only, trainable."""
+
+import re
+
+import numpy as np
+import pytest
+
+from hybridlm import config as config_lib
+from hybridlm.config import ConfigError
+from hybridlm.data import corpus, synthetic
+from hybridlm.data.pipeline import make_train_iterator
+from hybridlm.data.sources import is_validation, name_hash, parse_sources
+from hybridlm.eval.tasks import WORDS
+
+
+@pytest.mark.parametrize("spec", ["retrieval:", "retrieval:x", "retrieval:0",
+                                  "retrieval:10:64", "retrieval:10:256:3"])
+def test_bad_specs_name_the_source(spec):
+    with pytest.raises(ConfigError, match="retrieval:COUNT"):
+        parse_sources(spec)
+
+
+def test_documents_are_reproducible_and_end_with_their_answer():
+    docs = list(synthetic.retrieval_documents(10, 400))
+    assert docs == list(synthetic.retrieval_documents(10, 400))
+    assert [n.split("/")[1] for n, _ in docs[:5]] == list(synthetic.TRAIN_TASKS)
+    for name, text in docs:
+        assert 100 - 2 <= len(text) <= 400 + 40, (name, len(text))
+        if "niah_single" in name:
+            key, value = re.search(r"magic number for (\S+) is (\d+)\.", text).groups()
+            assert text.endswith(f"The special magic number for {key} is {value}.")
+            assert text.count(value) == 2  # the needle and the answer
+
+
+def test_documents_use_train_content_only():
+    """Keys from the train half of the word list, numbers from the train range: evaluation
+    content (the other half, the other range) never appears."""
+    eval_words = set(WORDS[1::2])
+    for _, text in synthetic.retrieval_documents(40, 300):
+        for key in re.findall(r"magic number for ([a-z]+-[a-z]+)", text):
+            assert not set(key.split("-")) & eval_words
+        for number in re.findall(r"\b(\d{7})\b", text):
+            assert 1_000_000 <= int(number) < 5_500_000
+
+
+def test_haystack_is_never_validation_text():
+    root = corpus.stdlib_dir().parent
+    haystack = synthetic.CharCodec().decode(synthetic.haystack_chars())
+    held_out = [p for p in corpus.stdlib_files()[:400]
+                if is_validation(np.int64(name_hash(p.relative_to(root).as_posix())), 0.5)]
+    texts = [p.read_text(errors="replace") for p in held_out]
+    assert texts and not any(len(t) > 200 and t in haystack for t in texts)
+
+
+def test_mixed_with_a_corpus_into_training_batches(tmp_path):
+    cfg = config_lib.load("configs/tiny.py", [
+        f"data.cache_dir={tmp_path}", "data.source=retrieval:60:256", "data.seq_len=256",
+        "train.batch_size=4"])
+    batch = next(make_train_iterator(cfg, 0, 1, progress=False))
+    text = bytes(t for t in batch["inputs"][batch["segment_ids"] > 0].tolist() if t < 256)
+    assert b"magic number" in text or b"VAR X" in text
+    assert batch["inputs"].shape == (4, 256) and batch["weights"].sum() > 0
