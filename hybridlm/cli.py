@@ -354,6 +354,8 @@ def _add_sweep_parser(sub) -> None:
     sweep.add_argument("--root", default=None,
                        help="the sweep's directory: one workdir per point, sweep.json, the "
                        "summary (default runs/<sweep file name>)")
+    sweep.add_argument("--only", default=None, metavar="NAME",
+                       help="run just this point (what a slurm array task runs)")
     sweep.add_argument("--summarize", action="store_true",
                        help="gather every point's final metrics and eval results into "
                        "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
@@ -368,7 +370,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     root = Path(args.root or Path("runs") / Path(args.sweep.partition(":")[0]).stem)
     extra = [f"--config.{o}" for o in overrides]
     if args.launcher is not None:
-        status = sweep.run(args.sweep, args.launcher, root, extra)
+        status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only)
         if status != 0:
             return status
     if args.summarize:

@@ -1,8 +1,9 @@
 """Sweeps: a list of points, each a config plus overrides, run into its own workdir.
 
 A sweep file has `get_sweep(arg) -> list[dict]`; each dict has `config` (a config spec such
-as `configs/paper.py:variant=rope`), optionally `name`, and `section.field: value`
-overrides. Launchers:
+as `configs/paper.py:variant=rope`), optionally `name`, optionally `after` (hybridlm
+commands run on the point's trained workdir, e.g. `["eval", "--task", "niah"]`; each gets
+`--workdir`), and `section.field: value` overrides. Launchers:
   print  write the commands (one per line) and do nothing else
   local  run the points one after another here; finished points are skipped and
          interrupted ones resume from their checkpoints
@@ -51,8 +52,11 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
 def point_name(point: dict[str, Any]) -> str:
     """A workdir-safe name from a point's config argument and overrides."""
     parts = [point["config"].partition(":")[2]] + [
-        f"{k.split('.')[-1]}={v}" for k, v in point.items() if k not in ("config", "name")]
+        f"{k.split('.')[-1]}={v}" for k, v in point.items() if k not in NOT_OVERRIDES]
     return re.sub(r"[^A-Za-z0-9=._+-]+", "_", ",".join(p for p in parts if p)) or "point"
+
+
+NOT_OVERRIDES = ("config", "name", "after")
 
 
 def command(point: dict[str, Any], root: Path, extra: list[str] = ()) -> list[str]:
@@ -60,6 +64,18 @@ def command(point: dict[str, Any], root: Path, extra: list[str] = ()) -> list[st
            str(root / point["name"])]
     cmd += [f"--config.{o}" for o in overrides(point)]
     return cmd + list(extra)
+
+
+def after_commands(point: dict[str, Any], root: Path) -> list[list[str]]:
+    """The point's post-training commands, each pointed at its workdir."""
+    return [["hybridlm", *map(str, args), "--workdir", str(root / point["name"])]
+            for args in point.get("after", [])]
+
+
+def full_command(point: dict[str, Any], root: Path, extra: list[str] = ()) -> str:
+    """Training, then the after-commands, as one shell line."""
+    return " && ".join(shlex.join(c) for c in
+                       [command(point, root, extra), *after_commands(point, root)])
 
 
 def is_finished(workdir: Path) -> bool:
@@ -73,7 +89,7 @@ def is_finished(workdir: Path) -> bool:
 
 
 def overrides(point: dict[str, Any]) -> list[str]:
-    return [f"{k}={v}" for k, v in point.items() if k not in ("config", "name")]
+    return [f"{k}={v}" for k, v in point.items() if k not in NOT_OVERRIDES]
 
 
 def check_points(points: list[dict[str, Any]], extra: list[str] = ()) -> None:
@@ -86,37 +102,65 @@ def check_points(points: list[dict[str, Any]], extra: list[str] = ()) -> None:
             raise ConfigError(f"sweep point {point['name']!r}: {e}") from None
 
 
-def run(spec: str, launcher: str, root: Path, extra: list[str] = ()) -> int:
-    """Run (local), submit (slurm) or print the points' training commands."""
+def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
+        only: str | None = None) -> int:
+    """Run (local), submit (slurm) or print the points' commands (`only`: one point)."""
     if launcher not in ("local", "slurm", "print"):
         raise ConfigError(f"--launcher {launcher!r}: choose local, slurm or print")
     points = load_sweep(spec)
+    if only is not None:
+        points = [p for p in points if p["name"] == only]
+        if not points:
+            names = [p["name"] for p in load_sweep(spec)]
+            raise ConfigError(f"--only {only!r}: the sweep has no such point; it has {names}")
     check_points(points, extra)
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points}, indent=2))
     if launcher == "print":
         for point in points:
-            print(shlex.join(command(point, root, extra)))
+            print(full_command(point, root, extra))
         return 0
     if launcher == "slurm":
-        return _submit_slurm(points, root, extra)
+        return _submit_slurm(spec, points, root, extra)
     for i, point in enumerate(points):
         workdir = root / point["name"]
         if is_finished(workdir):
-            print(f"[{i + 1}/{len(points)}] {point['name']}: finished, skipped", flush=True)
+            print(f"[{i + 1}/{len(points)}] {point['name']}: trained, skipped", flush=True)
+        else:
+            print(f"[{i + 1}/{len(points)}] {point['name']}: running", flush=True)
+            cmd = command(point, root, extra)
+            returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli",
+                                                 *cmd[1:]])
+            if returncode != 0:
+                print(f"sweep: point {point['name']} failed with status {returncode}; "
+                      "rerun the same command to resume it", file=sys.stderr)
+                return returncode
+            if not is_finished(workdir):  # e.g. stopped by SIGTERM after saving a checkpoint
+                print(f"sweep: point {point['name']} stopped before its train.steps; rerun "
+                      "the same command to resume it", file=sys.stderr)
+                return 1
+        returncode = run_after(point, root)
+        if returncode != 0:
+            return returncode
+    print(f"sweep: all {len(points)} points finished under {root}", flush=True)
+    return 0
+
+
+def run_after(point: dict[str, Any], root: Path) -> int:
+    """Each after-command once: a marker under WORKDIR/after/ records the ones that ran."""
+    markers = root / point["name"] / "after"
+    for k, cmd in enumerate(after_commands(point, root)):
+        marker = markers / f"{k}.done"
+        if marker.exists():
             continue
-        print(f"[{i + 1}/{len(points)}] {point['name']}: running", flush=True)
-        cmd = command(point, root, extra)
+        print(f"  {point['name']}: {shlex.join(cmd[1:])}", flush=True)
         returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
         if returncode != 0:
-            print(f"sweep: point {point['name']} failed with status {returncode}; "
-                  "rerun the same command to resume it", file=sys.stderr)
+            print(f"sweep: {shlex.join(cmd)} failed with status {returncode}; rerun the "
+                  "sweep to retry it", file=sys.stderr)
             return returncode
-        if not is_finished(workdir):  # e.g. stopped by SIGTERM after saving a checkpoint
-            print(f"sweep: point {point['name']} stopped before its train.steps; rerun the "
-                  "same command to resume it", file=sys.stderr)
-            return 1
-    print(f"sweep: all {len(points)} points finished under {root}", flush=True)
+        markers.mkdir(exist_ok=True)
+        marker.write_text(shlex.join(cmd) + "\n")
     return 0
 
 
@@ -136,14 +180,24 @@ def run_forwarding_signals(cmd: list[str]) -> int:
             signal.signal(signum, handler)
 
 
-def _submit_slurm(points, root: Path, extra) -> int:
+def _array_task(spec: str, point: dict[str, Any], root: Path, extra) -> str:
+    """A point's array-task command: its training run, or, when it has after-commands, this
+    sweep restricted to it (which forwards SIGTERM to whichever command runs)."""
+    if not point.get("after"):
+        return shlex.join(command(point, root, extra))
+    return shlex.join(["hybridlm", "sweep", "--sweep", spec, "--root", str(root), "--launcher",
+                       "local", "--only", point["name"], *extra])
+
+
+def _submit_slurm(spec: str, points, root: Path, extra) -> int:
     # sbatch's own SBATCH_* variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, ...) add resources;
     # SIGTERM three minutes before the limit (B: the batch shell, which exec makes the
     # training process): the point saves, and a resubmission resumes it
     lines = ["#!/usr/bin/env bash", "#SBATCH --job-name=hybridlm-sweep",
              f"#SBATCH --array=0-{len(points) - 1}", "#SBATCH --signal=B:TERM@180",
              f"#SBATCH --output={root}/%x-%A_%a.out", "set -euo pipefail",
-             "cmds=("] + [f"  {shlex.quote(shlex.join(command(p, root, extra)))}" for p in points]
+             "cmds=("] + [f"  {shlex.quote(_array_task(spec, p, root, extra))}"
+                          for p in points]
     lines += [")", 'eval "exec ${cmds[$SLURM_ARRAY_TASK_ID]}"']
     script = root / "sweep.sbatch"
     script.write_text("\n".join(lines) + "\n")

@@ -158,3 +158,34 @@ def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path):
     md = (root / "summary.md").read_text()
     assert all(f"| {name} |" in md for name in names)
     assert (root / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+AFTER_SWEEP = """
+def get_sweep(arg=None):
+    return [{"name": "a", "config": "configs/tiny.py", "train.steps": 3,
+             "after": [["prepare", "--help"], ["prepare", "--help"]]}]
+"""
+
+
+def test_after_commands_run_once_on_a_trained_point(tmp_path, capfd):
+    """A trained point (its metrics reached train.steps) gets its after-commands run, each
+    once: the rerun skips them; print and slurm chain them behind the training."""
+    spec = tmp_path / "after_sweep.py"
+    spec.write_text(AFTER_SWEEP)
+    root = tmp_path / "s"
+    workdir = root / "a"
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"train": {"steps": 3}}))
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    assert sweep.run(str(spec), "local", root) == 0
+    first = capfd.readouterr().out
+    assert first.count("usage: hybridlm prepare") == 2 and "a: trained, skipped" in first
+    assert sorted(p.name for p in (workdir / "after").iterdir()) == ["0.done", "1.done"]
+    assert sweep.run(str(spec), "local", root) == 0
+    assert "usage: hybridlm prepare" not in capfd.readouterr().out
+    assert sweep.run(str(spec), "print", root) == 0
+    line = capfd.readouterr().out.strip()
+    assert line.startswith("hybridlm train --config configs/tiny.py")
+    assert line.count(f"&& hybridlm prepare --help --workdir {workdir}") == 2
+    with pytest.raises(ConfigError, match="no such point"):
+        sweep.run(str(spec), "local", root, only="b")
