@@ -2,6 +2,7 @@
 
     hybridlm train [--config FILE[:k=v,...]] [--config.section.field=value ...] [--workdir DIR]
     hybridlm prepare [--config ...] [--source SPEC] [--tokenizer SPEC] [--out DIR]
+    hybridlm compile [--config ...] --topology v5p:4x4x8 [--mfu 0.4] [--json FILE]
 
 A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
 never a traceback.
@@ -70,7 +71,25 @@ def _parser() -> argparse.ArgumentParser:
                          help="write the prepared directory here instead of the cache (one "
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_compile_parser(sub)
     return parser
+
+
+def _add_compile_parser(sub) -> None:
+    compile_ = sub.add_parser(
+        "compile", help="compile the train step for a TPU slice here (no TPU needed): memory, "
+        "FLOPs, step time, fits or not",
+        description="Compile the config's train step for a TPU topology ahead of time (needs "
+        "libtpu: pip install 'hybridlm[tpu]'; no TPU) and report per-device memory against "
+        "the chip's HBM, FLOPs per step and the step time at --mfu. Mesh and model fields are "
+        "overridden with --config.a.b=value. docs/scaling.md.")
+    compile_.add_argument("--config", default=config_lib.DEFAULT_CONFIG,
+                          help=f"config file (default {config_lib.DEFAULT_CONFIG})")
+    compile_.add_argument("--topology", required=True,
+                          help="KIND:AxBxC with KIND v4, v5e, v5p or v6e, e.g. v5p:4x4x8")
+    compile_.add_argument("--mfu", type=float, default=0.4,
+                          help="model FLOPs utilisation assumed for the step time (default 0.4)")
+    compile_.add_argument("--json", default=None, help="also write the report here as JSON")
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -109,14 +128,43 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace, overrides: list[str]) -> int:
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu {args.mfu} must be in (0, 1]")
+    cfg = config_lib.load(args.config, overrides)
+    import os
+
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:  # it only compiles: skip the accelerator probe
+        jax.config.update("jax_platforms", "cpu")
+    from hybridlm.train import aot
+
+    topology = aot.parse_topology(args.topology)
+    try:
+        devices = aot.tpu_devices(topology)
+    except aot.TPUSupportMissing as e:
+        raise UserError(str(e)) from e
+    print(f"compiling {args.config} for {topology.name} ({len(devices)} devices)", flush=True)
+    report = aot.compile_for(cfg, topology, mfu=args.mfu, devices=devices)
+    print(aot.format_report(report, topology))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(
+            report.as_dict(topology.peak_flops_per_chip), indent=1) + "\n")
+    return 0 if report.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "prepare"):
+        if overrides and args.command not in ("train", "prepare", "compile"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
-        return {"train": cmd_train, "prepare": cmd_prepare}[args.command](args, overrides)
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "compile": cmd_compile}
+        return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 2
