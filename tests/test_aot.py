@@ -44,7 +44,8 @@ def report(**fields):
                 mesh={"data": 64, "fsdp": 1, "context": 1, "tensor": 1}, params=8 * 10**9,
                 tokens_per_step=64 * 131072, param_bytes=32 * GIB, opt_bytes=64 * GIB,
                 batch_bytes=0, argument_bytes=96 * GIB, temp_bytes=40 * GIB, output_bytes=0,
-                hbm_bytes=95 * GIB, xla_flops_per_device=1.0, analytic_flops_per_step=1e18,
+                hbm_bytes=95 * GIB, xla_flops_per_device=1.0, kernel_flops_per_step=0.0,
+                analytic_flops_per_step=1e18,
                 mfu=0.5, remat="none", seq_len=131072, attention_impl="splash",
                 mosaic_kernels=6)
     return aot.Report(**{**base, **fields})
@@ -109,3 +110,7 @@ def test_small_config_compiles_for_v5p_with_splash(devices):
     six_n = 6 * matmul_param_count(model_cfg) * tpu.tokens_per_step / tpu.devices
     assert six_n <= tpu.xla_flops_per_device <= 1.3 * six_n
     assert tpu.analytic_flops_per_step == pytest.approx(4 * (six_n + attention))
+    # the kernel's block map, by hand: T=512 in 256-wide blocks; every layer (three with
+    # 128-key windows, one causal) visits 3 of the 4 blocks; 12 H D FLOPs per pair, batch 4
+    assert tpu.kernel_flops_per_step == 4 * 3 * 256 * 256 * 12 * 2 * 64 * 4
+    assert tpu.kernel_flops_per_step > 4 * attention  # whole blocks: more than the pairs

@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hybridlm import ops
+from hybridlm.ops import splash
 from hybridlm.parallel import activation_sharding, make_mesh
 from hybridlm.parallel.mesh import MESH_AXES
 
@@ -43,3 +44,17 @@ def test_sharded_splash_matches_dense(devices, mesh_sizes, kv_heads):
     np.testing.assert_allclose(got_out, want_out, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [dict(causal=True), dict(causal=True, window=300),
+                                  dict(causal=False, window=200), dict(causal=False),
+                                  dict(causal=True, window=128)])
+def test_visited_blocks_match_splash_block_map(case):
+    """The interval count equals the number of non-empty blocks in splash's own map."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
+
+    spec = ops.MaskSpec(**case)
+    got, bq, bk = splash.visited_blocks(spec, 1000, block_q=256, block_kv=128)
+    length = splash.tiles(256, 128, 1000)[2]
+    info, _ = mi.process_mask(splash._mask(spec, length, 1), (bq, bk), shrink_grid=False)
+    assert got == int((info.block_mask != 0).sum())

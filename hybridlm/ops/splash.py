@@ -27,8 +27,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
 from jax.sharding import PartitionSpec as P
 
 from hybridlm.ops.masks import MaskSpec
@@ -88,6 +90,36 @@ def _kernel(spec_key, length: int, heads: int, block_q: int, block_kv: int,
         return pool.submit(build).result()
 
 
+def tiles(block_q: int, block_kv: int, t: int) -> tuple[int, int, int]:
+    """(block_q, block_kv, padded length) that splash uses for these requested sizes."""
+    bq, bk = (max(LANES, block // LANES * LANES) for block in (block_q, block_kv))
+    tile = math.lcm(bq, bk)
+    return bq, bk, -(-t // tile) * tile  # both block sizes must divide the padded length
+
+
+def visited_blocks(spec: MaskSpec, t: int, block_q: int = 512,
+                   block_kv: int = 512) -> tuple[int, int, int]:
+    """(blocks the forward kernel computes, block_q, block_kv) for one head and sequence:
+    the work XLA's cost analysis cannot see inside the kernel.
+
+    Splash visits a block when its mask is not all zeros. For causal and window masks that
+    is interval arithmetic on the block's first and last query and key (what splash's own
+    block map says, checked in tests; building that map takes minutes at 128k); chunked
+    masks are counted from splash's map itself.
+    """
+    bq, bk, length = tiles(block_q, block_kv, t)
+    if spec.chunk is not None:
+        info, _ = mi.process_mask(_mask(spec, length, 1), (bq, bk), shrink_grid=False)
+        return int((info.block_mask != 0).sum()), bq, bk
+    q_first = np.arange(length // bq)[:, None] * bq
+    k_first = np.arange(length // bk)[None, :] * bk
+    q_last, k_last = q_first + bq - 1, k_first + bk - 1
+    left = np.inf if spec.window is None else spec.window - 1  # keys p-left .. p+right
+    right = 0 if spec.causal else (np.inf if spec.window is None else spec.window - 1)
+    visited = (k_first <= q_last + right) & (k_last >= q_first - left)
+    return int(visited.sum()), bq, bk
+
+
 def _target_platform() -> str:
     """The platform the current trace compiles for: the mesh's devices when a mesh is set."""
     device = jax.sharding.get_abstract_mesh().abstract_device
@@ -140,9 +172,7 @@ def _splash_local(q, k, v, q_seg, kv_seg, sinks, *, key, scale: float, block_q: 
                   block_kv: int, interpret: bool) -> jax.Array:
     """The kernel on one device's arrays (the whole problem when nothing is sharded)."""
     b, t, h, _ = q.shape
-    bq, bk = (max(LANES, block // LANES * LANES) for block in (block_q, block_kv))
-    tile = math.lcm(bq, bk)
-    length = -(-t // tile) * tile  # both block sizes must divide the padded length
+    bq, bk, length = tiles(block_q, block_kv, t)
     if q_seg is None and length != t:  # padding needs a segment of its own
         q_seg = kv_seg = jnp.zeros((b, t), jnp.int32)
     if q_seg is not None:

@@ -26,8 +26,8 @@ import ml_collections as mlc
 from hybridlm import config as config_lib
 from hybridlm.config import ConfigError
 from hybridlm.model import flops_per_token
-from hybridlm.model.flops import param_count
-from hybridlm.ops import resolve_impl
+from hybridlm.model.flops import layers, param_count
+from hybridlm.ops import MaskSpec, resolve_impl, splash
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train.optim import decay_mask, make_optimizer
 from hybridlm.train.state import abstract_model, make_layout
@@ -82,11 +82,16 @@ def tpu_devices(topology: Topology) -> list[jax.Device]:
             "compiling for TPU needs libtpu, which is not installed in this environment; "
             f"install it with: {INSTALL_HINT} (jax[tpu] at this jax version, {jax.__version__})")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host probe
+    # Compiling touches no chip: let several processes (a test, a sweep) load libtpu at once
+    # instead of failing on its lock file.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=topology.name)
-    except Exception as e:  # libtpu's message names the bad part
+    except jax.errors.JaxRuntimeError as e:
+        if "INVALID_ARGUMENT" not in str(e):
+            raise
         raise ConfigError(f"--topology {topology.name!r}: libtpu rejected it: {e}") from e
     return list(topo.devices)
 
@@ -115,6 +120,7 @@ class Report:
     output_bytes: int  # XLA: outputs not aliased to the donated inputs
     hbm_bytes: int  # HBM per device
     xla_flops_per_device: float  # XLA cost analysis (Mosaic kernel bodies not counted)
+    kernel_flops_per_step: float  # splash's visited blocks x 12 H D per (query, key) pair
     analytic_flops_per_step: float  # 6N + attention, all devices
     mfu: float
     remat: str
@@ -129,6 +135,11 @@ class Report:
     @property
     def fits(self) -> bool:
         return self.peak_bytes <= self.hbm_bytes
+
+    @property
+    def compiled_flops_per_step(self) -> float:
+        """What the compiled program computes: XLA's count plus the kernel's block map."""
+        return self.xla_flops_per_device * self.devices + self.kernel_flops_per_step
 
     def step_time_s(self, peak_flops_per_chip: float) -> float:
         return self.analytic_flops_per_step / (self.chips * peak_flops_per_chip * self.mfu)
@@ -159,6 +170,7 @@ class Report:
     def as_dict(self, peak_flops_per_chip: float) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.update(peak_bytes=self.peak_bytes, fits=self.fits,
+                   compiled_flops_per_step=self.compiled_flops_per_step,
                    step_time_s=self.step_time_s(peak_flops_per_chip), verdict=self.verdict())
         return out
 
@@ -197,10 +209,24 @@ def compile_for(cfg: mlc.ConfigDict, topology: Topology, *, mfu: float = 0.4,
         output_bytes=memory.output_size_in_bytes - memory.alias_size_in_bytes,
         hbm_bytes=topology.hbm_bytes_per_chip * topology.chips // len(devices),
         xla_flops_per_device=float(cost.get("flops", 0.0)),
+        kernel_flops_per_step=splash_flops(cfg) if cfg.model.attention_impl == "splash" else 0.0,
         analytic_flops_per_step=flops_per_token(model_cfg, seq_len) * tokens,
         mfu=mfu, remat=cfg.model.remat, seq_len=seq_len,
         attention_impl=cfg.model.attention_impl,
         mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+
+
+def splash_flops(cfg: mlc.ConfigDict) -> float:
+    """Training FLOPs inside splash per step, from the blocks its mask visits, at the
+    analytic count's rate (12 H D per query-key pair: 2 matmuls forward, 4 backward)."""
+    m, seq_len = cfg.model, cfg.data.seq_len
+    total = 0.0
+    for spec in layers(config_lib.model_dict(cfg)):
+        mask = MaskSpec(causal=True, window=spec.window, chunk=spec.chunk)
+        blocks, bq, bk = splash.visited_blocks(mask, seq_len, m.attention_block_q,
+                                               m.attention_block_kv)
+        total += blocks * bq * bk * 12.0 * m.num_heads * m.head_dim
+    return total * cfg.train.batch_size
 
 
 def format_report(report: Report, topology: Topology) -> str:
@@ -222,8 +248,9 @@ def format_report(report: Report, topology: Topology) -> str:
         f"  outputs         {g(report.output_bytes)}   (not aliased to the donated state)",
         f"  total           {g(report.peak_bytes)}   of {g(report.hbm_bytes)} HBM",
         f"FLOPs per step: {report.analytic_flops_per_step:.3e} analytic (6N + attention); "
-        f"XLA counts {report.xla_flops_per_device * report.devices:.3e} outside the attention "
-        "kernel",
+        f"compiled {report.compiled_flops_per_step:.3e} = XLA's count "
+        f"{report.xla_flops_per_device * report.devices:.3e} (outside the attention kernel) "
+        f"+ {report.kernel_flops_per_step:.3e} in the kernel (its visited blocks)",
         f"step time at {report.mfu:.0%} MFU: {step:.3f} s "
         f"({report.tokens_per_step / step:,.0f} tokens/s)",
         report.verdict(),
