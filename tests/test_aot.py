@@ -47,7 +47,7 @@ def report(**fields):
                 hbm_bytes=95 * GIB, xla_flops_per_device=1.0, kernel_flops_per_step=0.0,
                 analytic_flops_per_step=1e18,
                 mfu=0.5, remat="none", seq_len=131072, attention_impl="splash",
-                mosaic_kernels=6)
+                mosaic_kernels=6, loop_trips=8)
     return aot.Report(**{**base, **fields})
 
 
@@ -89,6 +89,7 @@ def test_small_config_compiles_for_v5p_with_splash(devices):
 
     # the real Mosaic kernel, not interpret mode: fwd, dq and dkv per mask (window, causal)
     assert tpu.attention_impl == "splash" and tpu.devices == 4
+    assert tpu.loop_trips == 1  # 4 layers = one pattern group: XLA sees every layer's FLOPs
     assert tpu.mosaic_kernels >= 6 and cpu.mosaic_kernels == 0
     # every weight is split 4 ways (embed over fsdp, heads/mlp/vocab over tensor) except
     # the norm scales (embed only): parameter bytes = analytic count x 4 bytes / 4, +- norms
