@@ -263,7 +263,7 @@ def format_report(report: Report, topology: Topology) -> str:
         + (f"; XLA counts the scanned loop's body once, not {report.loop_trips} times "
            "(model.scan_layers=False for the full count, slower to compile)"
            if report.loop_trips > 1 else ""),
-        f"step time at {report.mfu:.0%} MFU: {step:.3f} s "
+        f"step time at {report.mfu:.0%} MFU: {step:.3g} s "
         f"({report.tokens_per_step / step:,.0f} tokens/s)",
         report.verdict(),
     ]
