@@ -7,6 +7,7 @@
     hybridlm generate --workdir W --prompt TEXT [--max_new N --temperature T --top_k K]
     hybridlm export --workdir DIR [--step N] --out DIR [--format params|hf] [--arch A]
     hybridlm import --from HF_DIR --out DIR
+    hybridlm compile [--config ...] --topology v5p:4x4x8 [--mfu 0.4] [--json FILE]
     hybridlm sweep --sweep FILE[:args] --launcher local|slurm|print [--root DIR] [--summarize]
 
 `train` takes the multi-host flags (`--coordinator HOST:PORT --num_processes N
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_import_parser(sub)
     _add_sweep_parser(sub)
+    _add_compile_parser(sub)
     return parser
 
 
@@ -296,6 +298,23 @@ def cmd_import(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _add_compile_parser(sub) -> None:
+    compile_ = sub.add_parser(
+        "compile", help="compile the train step for a TPU slice here (no TPU needed): memory, "
+        "FLOPs, step time, fits or not",
+        description="Compile the config's train step for a TPU topology ahead of time (needs "
+        "libtpu: pip install 'hybridlm[tpu]'; no TPU) and report per-device memory against "
+        "the chip's HBM, FLOPs per step and the step time at --mfu. Mesh and model fields are "
+        "overridden with --config.a.b=value. docs/scaling.md.")
+    compile_.add_argument("--config", default=config_lib.DEFAULT_CONFIG,
+                          help=f"config file (default {config_lib.DEFAULT_CONFIG})")
+    compile_.add_argument("--topology", required=True,
+                          help="KIND:AxBxC with KIND v4, v5e, v5p or v6e, e.g. v5p:4x4x8")
+    compile_.add_argument("--mfu", type=float, default=0.4,
+                          help="model FLOPs utilisation assumed for the step time (default 0.4)")
+    compile_.add_argument("--json", default=None, help="also write the report here as JSON")
+
+
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     for field in ("source", "tokenizer"):
         if getattr(args, field) is not None:
@@ -378,16 +397,45 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace, overrides: list[str]) -> int:
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu {args.mfu} must be in (0, 1]")
+    cfg = config_lib.load(args.config, overrides)
+    import os
+
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:  # it only compiles: skip the accelerator probe
+        jax.config.update("jax_platforms", "cpu")
+    from hybridlm.train import aot
+
+    topology = aot.parse_topology(args.topology)
+    try:
+        devices = aot.tpu_devices(topology)
+    except aot.TPUSupportMissing as e:
+        raise UserError(str(e)) from e
+    print(f"compiling {args.config} for {topology.name} ({len(devices)} devices)", flush=True)
+    report = aot.compile_for(cfg, topology, mfu=args.mfu, devices=devices)
+    print(aot.format_report(report, topology))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(
+            report.as_dict(topology.peak_flops_per_chip), indent=1) + "\n")
+    return 0 if report.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "prepare", "sweep"):
+        if overrides and args.command not in ("train", "prepare", "sweep", "compile"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
         commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
                     "import": cmd_import, "sweep": cmd_sweep, "eval": cmd_eval,
-                    "analyze": cmd_analyze, "generate": cmd_generate}
+                    "analyze": cmd_analyze, "generate": cmd_generate,
+                    "compile": cmd_compile}
         return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)

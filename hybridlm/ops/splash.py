@@ -9,18 +9,29 @@ Traps handled here (see shared STACK_NOTES): splash takes [H, T, D] without a ba
 axis (vmapped here), does not scale q (pre-scaled here), needs the backward block
 sizes set explicitly, and a window of W keys is `LocalMask((W - 1, 0))`, inclusive.
 Block sizes are rounded to multiples of 128 (TPU lanes; splash checks this even in
-interpret mode) and lengths padded to a multiple of them; padding sits in its own segment.
+interpret mode) and lengths padded to a multiple of them; padding sits in its own segment. On TPU,
+Mosaic rejects `jax_default_matmul_precision="highest"` with bfloat16 operands ("Bad lhs
+type"): leave the global precision at its default when compiling splash for TPU.
+
+Mosaic kernels are opaque to XLA's partitioner: under a mesh (`jax.set_mesh`) the kernel
+runs inside `jax.shard_map`, each device on its rows (mesh axes data, fsdp) and its heads
+(tensor). The kernel compiles for the mesh's platform, not the host's, so a TPU mesh of
+compile-only devices (`hybridlm compile`) gets the real Mosaic kernel on a CPU machine.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
+from jax.sharding import PartitionSpec as P
 
 from hybridlm.ops.masks import MaskSpec
 
@@ -67,32 +78,112 @@ def _kernel(spec_key, length: int, heads: int, block_q: int, block_kv: int,
                           block_q_dkv=block_q, block_kv_dkv=block_kv,
                           block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                           block_kv_dq=block_kv)
-    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+
+    def build():
         return sk.make_splash_mha(_mask(spec, length, heads), block_sizes=sizes,
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    # The mask tables must be concrete host arrays, safe to cache across traces. JAX's trace
+    # and mesh contexts are thread-local: a fresh thread builds them outside both (inside a
+    # TPU mesh of compile-only devices, eager arrays would have nowhere to live).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(build).result()
+
+
+def tiles(block_q: int, block_kv: int, t: int) -> tuple[int, int, int]:
+    """(block_q, block_kv, padded length) that splash uses for these requested sizes."""
+    bq, bk = (max(LANES, block // LANES * LANES) for block in (block_q, block_kv))
+    tile = math.lcm(bq, bk)
+    return bq, bk, -(-t // tile) * tile  # both block sizes must divide the padded length
+
+
+def visited_blocks(spec: MaskSpec, t: int, block_q: int = 512,
+                   block_kv: int = 512) -> tuple[int, int, int]:
+    """(blocks the forward kernel computes, block_q, block_kv) for one head and sequence:
+    the work XLA's cost analysis cannot see inside the kernel.
+
+    Splash visits a block when its mask is not all zeros. For causal and window masks that
+    is interval arithmetic on the block's first and last query and key (what splash's own
+    block map says, checked in tests; building that map takes minutes at 128k); chunked
+    masks are counted from splash's map itself.
+    """
+    bq, bk, length = tiles(block_q, block_kv, t)
+    if spec.chunk is not None:
+        info, _ = mi.process_mask(_mask(spec, length, 1), (bq, bk), shrink_grid=False)
+        return int((info.block_mask != 0).sum()), bq, bk
+    q_first = np.arange(length // bq)[:, None] * bq
+    k_first = np.arange(length // bk)[None, :] * bk
+    q_last, k_last = q_first + bq - 1, k_first + bk - 1
+    left = np.inf if spec.window is None else spec.window - 1  # keys p-left .. p+right
+    right = 0 if spec.causal else (np.inf if spec.window is None else spec.window - 1)
+    visited = (k_first <= q_last + right) & (k_last >= q_first - left)
+    return int(visited.sum()), bq, bk
+
+
+def _target_platform() -> str:
+    """The platform the current trace compiles for: the mesh's devices when a mesh is set."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _partition(mesh, batch: int, heads: int, kv_heads: int) -> tuple[tuple[str, ...], str | None]:
+    """(mesh axes splitting the batch, mesh axis splitting the heads) for shard_map.
+
+    Heads split over `tensor` only when both query and key/value heads divide evenly
+    (contiguous head blocks keep GQA groups together); otherwise they stay whole.
+    """
+    sizes = {axis: mesh.shape[axis] for axis in mesh.auto_axes}  # not already manual
+    rows, split = [], 1
+    for axis in ("data", "fsdp"):
+        size = sizes.get(axis, 1)
+        if size > 1 and batch % (split * size) == 0:
+            rows.append(axis)
+            split *= size
+    tp = sizes.get("tensor", 1)
+    head_axis = "tensor" if tp > 1 and heads % tp == 0 and kv_heads % tp == 0 else None
+    return tuple(rows), head_axis
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
                      scale: float, sinks: jax.Array | None = None, block_q: int = 512,
                      block_kv: int = 512) -> jax.Array:
     """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; interpret mode off TPU."""
-    b, t, h, d = q.shape
-    bq, bk = (max(LANES, block // LANES * LANES) for block in (block_q, block_kv))
-    tile = math.lcm(bq, bk)
-    length = -(-t // tile) * tile  # both block sizes must divide the padded length
-    q_seg, kv_seg = spec.q_segment_ids, spec.kv_segment_ids
+    b, t, h, _ = q.shape
+    q_seg, kv_seg = (None if x is None else x.astype(jnp.int32)
+                     for x in (spec.q_segment_ids, spec.kv_segment_ids))
+    key = (spec.causal, spec.window, spec.chunk)
+    local = functools.partial(_splash_local, key=key, scale=scale, block_q=block_q,
+                              block_kv=block_kv, interpret=_target_platform() != "tpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(mesh.shape[axis] == 1 for axis in mesh.auto_axes):
+        return local(q, k, v, q_seg, kv_seg, sinks)
+    rows, head_axis = _partition(mesh, b, h, k.shape[2])
+    rows_spec = rows or None
+    qkv = P(rows_spec, None, head_axis, None)
+    seg = None if q_seg is None else P(rows_spec, None)
+    sink_spec = None if sinks is None else P(head_axis)
+    # Every auto axis turns manual; those not named in the specs (context) see whole copies.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, sink_spec),
+                            out_specs=qkv, axis_names=set(mesh.auto_axes), check_vma=False)
+    return sharded(q, k, v, q_seg, kv_seg, sinks)
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, sinks, *, key, scale: float, block_q: int,
+                  block_kv: int, interpret: bool) -> jax.Array:
+    """The kernel on one device's arrays (the whole problem when nothing is sharded)."""
+    b, t, h, _ = q.shape
+    bq, bk, length = tiles(block_q, block_kv, t)
     if q_seg is None and length != t:  # padding needs a segment of its own
         q_seg = kv_seg = jnp.zeros((b, t), jnp.int32)
     if q_seg is not None:
-        q_seg, kv_seg = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, length - t)),
-                                 constant_values=PAD_SEGMENT) for x in (q_seg, kv_seg))
+        q_seg, kv_seg = (jnp.pad(x, ((0, 0), (0, length - t)), constant_values=PAD_SEGMENT)
+                         for x in (q_seg, kv_seg))
 
     def heads_first(x):
         return jnp.pad(x, ((0, 0), (0, length - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
     q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    kernel = _kernel((spec.causal, spec.window, spec.chunk), length, h, bq, bk,
-                     jax.default_backend() != "tpu")
+    kernel = _kernel(key, length, h, bq, bk, interpret)
 
     def one(qi, ki, vi, ids):
         return kernel(qi, ki, vi, segment_ids=ids, sinks=sinks)
