@@ -141,7 +141,7 @@ def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path):
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     out = rerun.stdout
-    assert f"[1/3] {names[0]}: finished, skipped" in out
+    assert f"[1/3] {names[0]}: trained, skipped" in out
     assert f"[2/3] {names[1]}: running" in out and f"resuming at step {stopped_at}" in out
     assert f"[3/3] {names[2]}: running" in out and out.count("starting at step 0") == 1
     assert (root / names[0] / "metrics.jsonl").read_bytes() == finished_before

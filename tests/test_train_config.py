@@ -41,4 +41,5 @@ def test_the_defaults_and_shipped_options_are_valid():
         cfg = load("configs/tiny.py", overrides)
         assert cfg.train.optimizer in ("adamw", "adafactor")
     assert load("configs/tiny.py").mesh.to_dict() == \
-        {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}
+        {"data": -1, "fsdp": 1, "context": 1, "tensor": 1, "context_attention": "allgather",
+         "context_layout": "zigzag"}
