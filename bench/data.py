@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.data import prepare  # noqa: E402
@@ -99,16 +100,6 @@ def time_training(cache: Path, steps: int) -> dict:
             "loss": float(metrics["loss"])}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=200)
@@ -151,7 +142,7 @@ def main() -> None:
               f"(tiny, seq {train['seq_len']}, batch {train['batch']})")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
-    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores",
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores",
               "load_average_1m": round(os.getloadavg()[0], 2), "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "prepare": prepared, "pipeline": runs,
               "train": train}

@@ -32,8 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,8 @@ import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from machine import cpu_name, git_commit  # noqa: E402  (bench/machine.py)
 
 from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.data.pipeline import make_train_iterator  # noqa: E402
@@ -152,24 +152,6 @@ def run_peer(name: str, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
     return {"step_s": min(times), "tokens_per_s": batch * seq_len / min(times),
             "all_step_s": times}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

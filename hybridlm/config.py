@@ -193,16 +193,22 @@ def resolve_config_path(path: str) -> Path:
                       f"in {REPO_ROOT}); pass a path like configs/tiny.py")
 
 
-def from_file(spec: str) -> mlc.ConfigDict:
-    """'path/to/file.py[:arg]' -> the ConfigDict that file's get_config(arg) returns."""
+def load_function(spec: str, name: str):
+    """'path/to/file.py[:arg]' -> (that file's function `name`, arg or None, its path)."""
     path_str, _, arg = spec.partition(":")
     path = resolve_config_path(path_str)
-    module_spec = importlib.util.spec_from_file_location(f"hybridlm_config_{path.stem}", path)
+    module_spec = importlib.util.spec_from_file_location(f"hybridlm_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} has no get_config(arg) function")
-    cfg = module.get_config(arg or None)
+    if not hasattr(module, name):
+        raise ConfigError(f"{path} has no {name}(arg) function")
+    return getattr(module, name), arg or None, path
+
+
+def from_file(spec: str) -> mlc.ConfigDict:
+    """'path/to/file.py[:arg]' -> the ConfigDict that file's get_config(arg) returns."""
+    get_config, arg, path = load_function(spec, "get_config")
+    cfg = get_config(arg)
     if not isinstance(cfg, mlc.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     return cfg

@@ -12,7 +12,6 @@ commands run on the point's trained workdir, e.g. `["eval", "--task", "niah"]`; 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -24,18 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError, resolve_config_path
+from hybridlm.config import ConfigError
 
 
 def load_sweep(spec: str) -> list[dict[str, Any]]:
-    path_str, _, arg = spec.partition(":")
-    path = resolve_config_path(path_str)
-    module_spec = importlib.util.spec_from_file_location(f"hybridlm_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"sweep file {path} has no get_sweep(arg) function")
-    points = module.get_sweep(arg or None)
+    get_sweep, arg, path = config_lib.load_function(spec, "get_sweep")
+    points = get_sweep(arg)
     if not isinstance(points, list) or not points:
         raise ConfigError(f"{path}: get_sweep must return a non-empty list of dicts")
     names = set()

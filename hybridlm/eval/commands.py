@@ -95,16 +95,22 @@ class Decoder:
 
 # ---- eval: needles, RULER-style tasks, loss by position ------------------------------------
 
+def _retrieval_setup(cfg: mlc.ConfigDict, lengths, depths, samples):
+    """Checked grid lengths, the model config, the run's tokenizer and a held-out haystack."""
+    lengths = list(lengths or default_lengths(cfg))
+    check_grid(lengths, depths, samples)
+    model_cfg = cfg.model.to_dict()
+    tokenizer = _tokenizer(cfg, model_cfg)
+    return lengths, model_cfg, tokenizer, heldout.haystack(cfg, tokenizer.eos_id,
+                                                            min_tokens=max(lengths))
+
+
 def eval_niah(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
               lengths: Sequence[int] | None = None, depths: Sequence[float] = NIAH_DEPTHS,
               samples: int = DEFAULT_SAMPLES["niah"], seed: int = 0, step: int | None = None,
               progress: bool = True) -> dict:
     """Single-needle grid (lengths x depths), exact match; niah.json and niah.png."""
-    lengths = list(lengths or default_lengths(cfg))
-    check_grid(lengths, depths, samples)
-    model_cfg = cfg.model.to_dict()
-    tokenizer = _tokenizer(cfg, model_cfg)
-    hay = heldout.haystack(cfg, tokenizer.eos_id, min_tokens=max(lengths))
+    lengths, model_cfg, tokenizer, hay = _retrieval_setup(cfg, lengths, depths, samples)
     result = retrieval.run_task("niah_single", Decoder(model, model_cfg), tokenizer, hay,
                                 lengths, list(depths), samples, seed, progress)
     result.update(step=step, train_len=cfg.data.seq_len, summary={
@@ -120,11 +126,7 @@ def eval_ruler(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
                samples: int = DEFAULT_SAMPLES["ruler"], seed: int = 0, step: int | None = None,
                progress: bool = True) -> dict:
     """Every RULER-style task at every length; ruler.json and ruler.png (score by length)."""
-    lengths = list(lengths or default_lengths(cfg))
-    check_grid(lengths, depths, samples)
-    model_cfg = cfg.model.to_dict()
-    tokenizer = _tokenizer(cfg, model_cfg)
-    hay = heldout.haystack(cfg, tokenizer.eos_id, min_tokens=max(lengths))
+    lengths, model_cfg, tokenizer, hay = _retrieval_setup(cfg, lengths, depths, samples)
     decode = Decoder(model, model_cfg)
     by_task = {task: retrieval.run_task(task, decode, tokenizer, hay, lengths, list(depths),
                                         samples, seed, progress)
