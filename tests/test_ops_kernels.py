@@ -110,7 +110,7 @@ def test_auto_picks_the_platform_kernel():
 
 @pytest.mark.parametrize("case,reason", [
     (dict(dtype=jnp.float32), "float32"),
-    (dict(spec=dict(q_segment_ids=1)), "packed segments"),
+    (dict(spec=dict(q_segment_ids=1)), "packed segments (segment ids) before Hopper"),
     (dict(spec=dict(chunk=64)), "chunked"),
     (dict(sinks=True), "sink"),
     (dict(spec=dict(causal=False, window=64)), "non-causal window"),
@@ -130,6 +130,36 @@ def test_cudnn_limitations(case, reason):
     got = cudnn.limitation(q_shape, k_shape, case.get("dtype", jnp.bfloat16),
                            ops.MaskSpec(**spec_fields), case.get("sinks", False))
     assert got is not None and reason in got
+
+
+def test_cudnn_takes_packed_segments_from_hopper_on():
+    ids = jnp.ones((1, 64), jnp.int32)
+    spec = ops.MaskSpec(causal=True, window=128, q_segment_ids=ids, kv_segment_ids=ids)
+    shape = (1, 64, 8, 64)
+    assert cudnn.limitation(shape, shape, jnp.bfloat16, spec, False, packing=True) is None
+
+
+def test_cudnn_packed_layout_describes_each_run():
+    ids = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5]], jnp.int32)
+    lengths, offsets, count = cudnn.packed_layout(ids)
+    np.testing.assert_array_equal(lengths, [[3, 2, 1, 2, -1, -1, -1, -1],
+                                            [8, -1, -1, -1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, 6, -1, -1, -1, -1, -1],
+                                            [0, -1, -1, -1, -1, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(count, [4, 1])
+    lengths, offsets, _ = cudnn.packed_layout(ids, max_segments=3)  # what cuDNN gets
+    np.testing.assert_array_equal(lengths, [[3, 2, 1], [8, -1, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 3, 5, -1], [0, -1, -1, -1]])
+    # Random packings: the runs rebuild the ids' change points exactly.
+    rng = np.random.default_rng(0)
+    ids = np.cumsum(rng.random((4, 300)) < 0.05, axis=1).astype(np.int32)
+    lengths, offsets, _ = (np.asarray(x)
+                           for x in jax.jit(cudnn.packed_layout)(jnp.asarray(ids)))
+    for row, n, o in zip(ids, lengths, offsets, strict=True):
+        used = n > 0
+        assert n[used].sum() == row.size and (o[: used.sum()] == np.cumsum(n[used]) - n[used]).all()
+        rebuilt = np.repeat(np.arange(used.sum()), n[used])
+        assert (np.diff(rebuilt) != 0).tolist() == (np.diff(row) != 0).tolist()
 
 
 def test_cudnn_falls_back_to_blockwise_and_logs_once(caplog, monkeypatch):

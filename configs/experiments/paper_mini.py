@@ -21,8 +21,8 @@ VARIANTS = "rope+nope+qknorm+rnope+rnope_swa"
 
 
 def get_sweep(arg=None):
-    arg = parse_arg(arg, variants=VARIANTS, size="tiny", seq_len=1024, window=128, steps=150,
-                    batch=8, retrieval=0.5, seed=0)
+    arg = parse_arg(arg, variants=VARIANTS, size="tiny", seq_len=512, window=128, steps=100,
+                    batch=16, retrieval=0.5, seed=0)
     lengths = ",".join(str(arg.seq_len * k) for k in (1, 2, 4, 8))
     mixture = {"data.source": f"stdlib,retrieval:20000:{arg.seq_len}",
                "data.weights": f"{1 - arg.retrieval},{arg.retrieval}"}
