@@ -153,32 +153,46 @@ def _add_eval_parsers(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
-def _load_run(workdir: str, step: int | None):
-    """(config, model, step) of a run's checkpoint or a params export."""
+def _load_run(workdir: str, step: int | None, overrides: list[str]):
+    """(config, model, step, mesh) of a run's checkpoint or a params export, the parameters
+    restored into their shards on the evaluation mesh (hybridlm/eval/placement.py)."""
+    from hybridlm.eval import placement
+
+    placement.check_overrides(overrides)
     path = Path(workdir)
     if not path.exists():
         raise UserError(f"--workdir {path} does not exist; pass a training run's workdir")
     from hybridlm.train.checkpoint import CheckpointError, load_model
 
+    meshes = []
+
+    def mesh_for(cfg):
+        meshes.append(placement.eval_mesh(cfg, overrides))
+        return meshes[-1]
+
     try:
-        cfg, model, step = load_model(path, step)
+        cfg, model, step = load_model(path, step, mesh_for=mesh_for)
     except (FileNotFoundError, CheckpointError) as e:
         raise UserError(f"--workdir {path}: {e}") from None
-    print(f"loaded {path} at step {step}", file=sys.stderr, flush=True)
-    return cfg, model, step
+    mesh = meshes[-1]
+    print(f"loaded {path} at step {step} on the {placement.describe(mesh)}", file=sys.stderr,
+          flush=True)
+    return cfg, model, step, mesh
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm.eval import commands
+    from hybridlm.eval.placement import on_mesh
 
     lengths, depths = _flatten(args.lengths), _flatten(args.depths)
     commands.check_grid(lengths or [commands.MIN_LENGTH], depths or (),
                         1 if args.samples is None else args.samples)
-    cfg, model, step = _load_run(args.workdir, args.step)
+    cfg, model, step, mesh = _load_run(args.workdir, args.step, overrides)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    results = commands.run_eval(cfg, model, out, args.task, lengths=lengths, depths=depths,
-                                samples=args.samples, seed=args.seed, step=step,
-                                progress=not args.quiet)
+    with on_mesh(mesh):
+        results = commands.run_eval(cfg, model, out, args.task, lengths=lengths, depths=depths,
+                                    samples=args.samples, seed=args.seed, step=step,
+                                    progress=not args.quiet)
     for name, result in results.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in result["summary"].items()
                                        if v is not None))
@@ -188,15 +202,18 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_analyze(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm.eval import commands
+    from hybridlm.eval.placement import on_mesh
 
     lengths = _flatten(args.lengths)
     commands.check_grid(lengths or [commands.MIN_LENGTH], (),
                         1 if args.samples is None else args.samples)
-    cfg, model, step = _load_run(args.workdir, args.step)
+    cfg, model, step, mesh = _load_run(args.workdir, args.step, overrides)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    result = commands.run_analysis(
-        cfg, model, out, lengths=lengths, seed=args.seed, step=step, progress=not args.quiet,
-        samples=commands.DEFAULT_SAMPLES["analyze"] if args.samples is None else args.samples)
+    with on_mesh(mesh):
+        result = commands.run_analysis(
+            cfg, model, out, lengths=lengths, seed=args.seed, step=step,
+            progress=not args.quiet, samples=commands.DEFAULT_SAMPLES["analyze"]
+            if args.samples is None else args.samples)
     print(commands.analysis_markdown(result))
     print(f"wrote {out / 'analysis.json'}, {out / 'analysis.md'} and {out / 'analysis.png'}")
     return 0
@@ -204,10 +221,13 @@ def cmd_analyze(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm.eval import commands
+    from hybridlm.eval.placement import on_mesh
 
-    cfg, model, _ = _load_run(args.workdir, args.step)
-    r = commands.generate_text(cfg, model, args.prompt, max_new=args.max_new,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    cfg, model, _, mesh = _load_run(args.workdir, args.step, overrides)
+    with on_mesh(mesh):
+        r = commands.generate_text(cfg, model, args.prompt, max_new=args.max_new,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   seed=args.seed)
     print(r["prompt"] + r["text"])
     for label, c in ((f"{r['max_len']} tokens", r["cache"]), ("128k tokens", r["cache_128k"])):
         print(f"KV cache at {label}: {c['hybrid_bytes'] / 2**20:.2f} MiB, full attention "
@@ -430,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "prepare", "sweep", "compile"):
+        if overrides and args.command in ("export", "import"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
         commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
                     "import": cmd_import, "sweep": cmd_sweep, "eval": cmd_eval,
