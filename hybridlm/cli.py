@@ -399,6 +399,10 @@ def _add_sweep_parser(sub) -> None:
                        help="gather every point's final metrics and eval results into "
                        "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
                        "both are given)")
+    sweep.add_argument("--report", default=None, metavar="FILE.md",
+                       help="with --summarize: also write a comparison report (tables of "
+                       "losses, needle / RULER scores and attention mass by length, PNG plots "
+                       "beside it) into FILE.md, between <!-- report:begin/end --> markers")
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -406,6 +410,8 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.launcher is None and not args.summarize:
         raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize, or both")
+    if args.report and not args.summarize:
+        raise UserError("--report FILE.md needs --summarize (the report is written after it)")
     root = Path(args.root or Path("runs") / Path(args.sweep.partition(":")[0]).stem)
     extra = [f"--config.{o}" for o in overrides]
     if args.launcher is not None:
@@ -414,6 +420,12 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
             return status
     if args.summarize:
         print(f"wrote {sweep.summarize(args.sweep, root)} (and .csv, .png)")
+    if args.report:
+        from hybridlm.eval.report import write_report
+
+        names = [p["name"] for p in sweep.load_sweep(args.sweep)]
+        out = write_report(root, names, Path(args.report), f"sweep {args.sweep}, root {root}")
+        print(f"wrote the report into {out} (plots under {out.parent / 'img' / out.stem})")
     return 0
 
 
