@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from hybridlm import config as config_lib
+from hybridlm.eval import cli as eval_cli
 from hybridlm.parallel import distributed
 
 
@@ -82,137 +83,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="write the prepared directory here instead of the cache (one "
                          "source only)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_eval_parsers(sub)
+    eval_cli.add_parsers(sub)
     _add_export_parser(sub)
     _add_import_parser(sub)
     _add_sweep_parser(sub)
     _add_compile_parser(sub)
     return parser
-
-
-# ---- eval, analyze, generate: a trained run's model ----------------------------------------
-
-def _numbers(kind: type, what: str):
-    def parse(text: str) -> list:
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    return parse
-
-
-_ints = _numbers(int, "a token count (or comma-separated counts)")
-_floats = _numbers(float, "a fraction (or comma-separated fractions)")
-
-
-def _flatten(groups: list[list] | None) -> list | None:
-    return None if groups is None else [x for g in groups for x in g]
-
-
-def _add_eval_parsers(sub) -> None:
-    def common(p, lengths_help):
-        p.add_argument("--workdir", required=True,
-                       help="a training run's workdir (its latest checkpoint) or a params export")
-        p.add_argument("--step", type=int, default=None,
-                       help="evaluate this checkpoint step instead of the latest")
-        p.add_argument("--lengths", type=_ints, nargs="+", default=None, help=lengths_help)
-        p.add_argument("--samples", type=int, default=None,
-                       help="samples per cell (ppl: documents per length)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
-        p.add_argument("--out", default=None, help="results directory (default WORKDIR/eval)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    lengths_help = ("context lengths in tokens, space or comma separated (default: 1x, 2x, 4x "
-                    "the trained data.seq_len)")
-    ev = sub.add_parser(
-        "eval", help="long-context evaluation: needles, RULER-style tasks, loss by position",
-        description="Evaluate a trained run. niah: single-needle grid of lengths x depths "
-        "(exact match, heatmap); ruler: six RULER-style tasks per length; ppl: held-out loss "
-        "by position. Results: WORKDIR/eval/<task>.json (with a 'summary') and <task>.png.")
-    ev.add_argument("--task", choices=("niah", "ruler", "ppl", "all"), default="niah")
-    common(ev, lengths_help)
-    ev.add_argument("--depths", type=_floats, nargs="+", default=None,
-                    help="needle depths in [0, 1] (default niah 0,.25,.5,.75,1; ruler .1,.5,.9)")
-    an = sub.add_parser(
-        "analyze", help="the paper's attention analysis: where the question tokens look",
-        description="Needle at 50% depth; attention mass of the question+answer tokens on "
-        "the first 10 tokens, the needle, the rest of the context and themselves, plus "
-        "entropy, per layer, per layer type and overall. Writes WORKDIR/eval/analysis.json, "
-        "analysis.md (tables) and analysis.png.")
-    common(an, lengths_help)
-    gen = sub.add_parser(
-        "generate", help="continue a prompt with the hybrid KV cache",
-        description="Continue --prompt (greedy by default) and report the KV cache's size "
-        "next to a full-attention cache of the same model.")
-    gen.add_argument("--workdir", required=True, help="a training run's workdir or an export")
-    gen.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max_new", type=int, default=64, help="tokens to generate")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest (0: all)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
-
-
-def _load_run(workdir: str, step: int | None):
-    """(config, model, step) of a run's checkpoint or a params export."""
-    path = Path(workdir)
-    if not path.exists():
-        raise UserError(f"--workdir {path} does not exist; pass a training run's workdir")
-    from hybridlm.train.checkpoint import CheckpointError, load_model
-
-    try:
-        cfg, model, step = load_model(path, step)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise UserError(f"--workdir {path}: {e}") from None
-    print(f"loaded {path} at step {step}", file=sys.stderr, flush=True)
-    return cfg, model, step
-
-
-def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hybridlm.eval import commands
-
-    lengths, depths = _flatten(args.lengths), _flatten(args.depths)
-    commands.check_grid(lengths or [commands.MIN_LENGTH], depths or (),
-                        1 if args.samples is None else args.samples)
-    cfg, model, step = _load_run(args.workdir, args.step)
-    out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    results = commands.run_eval(cfg, model, out, args.task, lengths=lengths, depths=depths,
-                                samples=args.samples, seed=args.seed, step=step,
-                                progress=not args.quiet)
-    for name, result in results.items():
-        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in result["summary"].items()
-                                       if v is not None))
-        print(f"  wrote {out / (name + '.json')} and {out / (name + '.png')}")
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hybridlm.eval import commands
-
-    lengths = _flatten(args.lengths)
-    commands.check_grid(lengths or [commands.MIN_LENGTH], (),
-                        1 if args.samples is None else args.samples)
-    cfg, model, step = _load_run(args.workdir, args.step)
-    out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    result = commands.run_analysis(
-        cfg, model, out, lengths=lengths, seed=args.seed, step=step, progress=not args.quiet,
-        samples=commands.DEFAULT_SAMPLES["analyze"] if args.samples is None else args.samples)
-    print(commands.analysis_markdown(result))
-    print(f"wrote {out / 'analysis.json'}, {out / 'analysis.md'} and {out / 'analysis.png'}")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hybridlm.eval import commands
-
-    cfg, model, _ = _load_run(args.workdir, args.step)
-    r = commands.generate_text(cfg, model, args.prompt, max_new=args.max_new,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(r["prompt"] + r["text"])
-    for label, c in ((f"{r['max_len']} tokens", r["cache"]), ("128k tokens", r["cache_128k"])):
-        print(f"KV cache at {label}: {c['hybrid_bytes'] / 2**20:.2f} MiB, full attention "
-              f"{c['full_bytes'] / 2**20:.2f} MiB ({c['fraction']:.1%} of it)")
-    return 0
 
 
 # ---- hybridlm export ------------------------------------------------------------------------
@@ -379,6 +255,10 @@ def _add_sweep_parser(sub) -> None:
                        help="gather every point's final metrics and eval results into "
                        "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
                        "both are given)")
+    sweep.add_argument("--report", default=None, metavar="FILE.md",
+                       help="with --summarize: also write a comparison report (tables of "
+                       "losses, needle / RULER scores and attention mass by length, PNG plots "
+                       "beside it) into FILE.md, between <!-- report:begin/end --> markers")
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -386,6 +266,8 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.launcher is None and not args.summarize:
         raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize, or both")
+    if args.report and not args.summarize:
+        raise UserError("--report FILE.md needs --summarize (the report is written after it)")
     root = Path(args.root or Path("runs") / Path(args.sweep.partition(":")[0]).stem)
     extra = [f"--config.{o}" for o in overrides]
     if args.launcher is not None:
@@ -394,6 +276,12 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
             return status
     if args.summarize:
         print(f"wrote {sweep.summarize(args.sweep, root)} (and .csv, .png)")
+    if args.report:
+        from hybridlm.eval.report import write_report
+
+        names = [p["name"] for p in sweep.load_sweep(args.sweep)]
+        out = write_report(root, names, Path(args.report), f"sweep {args.sweep}, root {root}")
+        print(f"wrote the report into {out} (plots under {out.parent / 'img' / out.stem})")
     return 0
 
 
@@ -430,12 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        if overrides and args.command not in ("train", "prepare", "sweep", "compile"):
+        if overrides and args.command in ("export", "import"):
             raise UserError(f"--config.* overrides are not accepted by {args.command}")
         commands = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export,
-                    "import": cmd_import, "sweep": cmd_sweep, "eval": cmd_eval,
-                    "analyze": cmd_analyze, "generate": cmd_generate,
-                    "compile": cmd_compile}
+                    "import": cmd_import, "sweep": cmd_sweep, "compile": cmd_compile,
+                    **eval_cli.COMMANDS}
         return commands[args.command](args, overrides)
     except (UserError, config_lib.ConfigError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)

@@ -32,25 +32,21 @@ def test_attention_analysis_per_layer_and_type():
     assert avg["overall"] == pytest.approx(result["overall"])
 
 
-def test_loss_by_position_buckets_and_an_oracle():
+def test_loss_by_position_buckets_and_batches():
     assert perplexity.buckets(10) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 10)]
-    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
-    np.testing.assert_allclose(perplexity.token_losses(logits, np.array([0, 1])),
-                               [np.log(2), -np.log(0.8)])
-    # a "model" that puts probability 1/2 on the true next token everywhere: loss = log 2
-    docs = [np.arange(40) % 7, np.arange(30) % 5]
+    docs = [np.arange(40), np.arange(30) + 100, np.arange(50) + 200, np.arange(5)]
+    seen = []
 
-    def forward(tokens):
-        t = tokens.shape[1]
-        logits = np.full((1, t, 8), -1e9)
-        for i in range(t):
-            nxt = (tokens[0, i] + 1) % (7 if tokens[0, :7].max() == 6 else 5)
-            logits[0, i, nxt] = 0.0
-            logits[0, i, (nxt + 1) % 8] = 0.0
-        return logits
+    def losses(tokens):  # the loss at position i of a row: its first token + i
+        seen.append(tokens.shape)
+        return tokens[:, :1] + np.arange(tokens.shape[1] - 1)[None]
 
-    out = perplexity.loss_by_position(forward, docs, 16)
-    assert out["documents"] == 2
-    assert all(b["loss"] == pytest.approx(np.log(2)) for b in out["buckets"])
+    out = perplexity.loss_by_position(losses, docs, 16, batch=2)
+    assert out["documents"] == 3 and seen == [(2, 17), (2, 17)]  # last batch padded
+    mean_first = (0 + 100 + 200) / 3  # the padding copy is not counted
+    assert out["buckets"][0]["loss"] == pytest.approx(mean_first)
+    assert out["buckets"][-1] == {"start": 8, "end": 16, "center": 11.5,
+                                  "loss": pytest.approx(mean_first + 11.5)}
+    assert out["mean_loss"] == pytest.approx(mean_first + 7.5)
     with pytest.raises(ValueError, match="longer than"):
-        perplexity.loss_by_position(forward, docs, 64)
+        perplexity.loss_by_position(losses, docs, 64)

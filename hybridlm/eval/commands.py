@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections as mlc
 import numpy as np
+import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -146,6 +147,24 @@ def eval_ruler(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     return result
 
 
+def next_token_losses(model: Transformer):
+    """tokens [B, T + 1] -> float32 next-token losses [B, T], computed on the model's devices."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def losses(state, tokens):
+        logits = nnx.merge(graphdef, state)(tokens[:, :-1]).astype(jax.numpy.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+    return lambda tokens: losses(state, tokens)
+
+
+def _batch_rows() -> int:
+    """Documents per forward pass: one per data replica of the current mesh (1 without)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def eval_ppl(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
              lengths: Sequence[int] | None = None, samples: int = DEFAULT_SAMPLES["ppl"],
              step: int | None = None, progress: bool = True) -> dict:
@@ -153,8 +172,7 @@ def eval_ppl(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     A length no held-out document reaches is reported with "documents": 0 and skipped."""
     lengths = list(lengths or default_lengths(cfg))
     check_grid(lengths, (), samples)
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+    losses, batch = next_token_losses(model), _batch_rows()
     docs = heldout.held_out_documents(cfg, min_tokens=min(lengths) + 1)
     rows, curves = [], {}
     for n in tqdm(lengths, desc="ppl", disable=not progress):
@@ -162,7 +180,7 @@ def eval_ppl(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
         if not usable:
             rows.append({"length": n, "documents": 0, "buckets": [], "mean_loss": None})
             continue
-        row = perplexity.loss_by_position(lambda t: forward(state, t), usable, n)
+        row = perplexity.loss_by_position(losses, usable, n, batch)
         rows.append(row)
         curves[f"{n} tokens"] = ([b["center"] for b in row["buckets"]],
                                  [b["loss"] for b in row["buckets"]])

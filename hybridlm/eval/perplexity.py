@@ -20,25 +20,19 @@ def buckets(length: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def token_losses(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-token cross-entropy (nats) from logits [T, V] and targets [T]."""
-    logits = logits.astype(np.float64)
-    m = logits.max(-1, keepdims=True)
-    logz = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
-    return logz - logits[np.arange(len(targets)), targets]
-
-
-def loss_by_position(forward: Callable[[np.ndarray], np.ndarray],
-                     documents: Sequence[np.ndarray], length: int) -> dict:
-    """forward(tokens [1, T]) -> logits [1, T, V]. Uses documents of > length tokens."""
-    usable = [d for d in documents if len(d) > length]
+def loss_by_position(losses: Callable[[np.ndarray], np.ndarray],
+                     documents: Sequence[np.ndarray], length: int, batch: int = 1) -> dict:
+    """losses(tokens [B, length + 1]) -> next-token losses [B, length], computed where the
+    model runs (only B x length floats come back). Uses documents of > length tokens, `batch`
+    at a time (the last batch padded with copies that are not counted)."""
+    usable = [d[: length + 1].astype(np.int32) for d in documents if len(d) > length]
     if not usable:
         raise ValueError(f"no held-out document is longer than {length} tokens")
     sums = np.zeros(length)
-    for doc in usable:
-        tokens = doc[: length + 1].astype(np.int32)
-        logits = np.asarray(forward(tokens[None, :-1]))[0]
-        sums += token_losses(logits, tokens[1:])
+    for i in range(0, len(usable), batch):
+        rows = usable[i:i + batch]
+        tokens = np.stack(rows + [rows[-1]] * (batch - len(rows)))
+        sums += np.asarray(losses(tokens), np.float64)[: len(rows)].sum(0)
     per_position = sums / len(usable)
     rows = [{"start": a, "end": b, "center": (a + b - 1) / 2,
              "loss": float(per_position[a:b].mean())} for a, b in buckets(length)]

@@ -115,3 +115,17 @@ def bars(values: Mapping[str, Mapping[str, float | None]], path: str | Path, yla
     ax.set_title(title)
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def curves_by_step(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                   path: str | Path, ylabel: str, title: str) -> None:
+    """curves: name -> (steps, values); one line each (training loss of sweep points)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -43,13 +43,23 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
-    """Sharding hint by logical axis names; a no-op unless parallel/ set rules and a mesh."""
+    """Sharding hint by logical axis names; a no-op unless parallel/ set rules and a mesh.
+
+    A dimension the named mesh axes do not divide stays whole (evaluation feeds a batch of
+    one on a mesh with data replicas).
+    """
     rules = spmd.get_logical_axis_rules()
-    if not rules or jax.sharding.get_abstract_mesh().empty:
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
         return x
-    table = dict(rules)
-    spec = jax.sharding.PartitionSpec(*(table.get(a) if a else None for a in axes))
-    return jax.lax.with_sharding_constraint(x, spec)
+    table, spec = dict(rules), []
+    for name, size in zip(axes, x.shape, strict=True):
+        target = table.get(name) if name else None
+        split = 1
+        for axis in (target,) if isinstance(target, str) else tuple(target or ()):
+            split *= mesh.shape[axis]
+        spec.append(None if size % split else target)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 class Norm(nnx.Module):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from hybridlm import config as config_lib
 from hybridlm.config import ConfigError
@@ -212,24 +213,29 @@ def restore_tree(directory: Path, item: Any) -> Any:
             partial_restore=True))
 
 
-def load_model(path: Path, step: int | None = None
+def load_model(path: Path, step: int | None = None,
+               mesh_for: Callable[[mlc.ConfigDict], Mesh] | None = None
                ) -> tuple[mlc.ConfigDict, nnx.Module, int]:
-    """(resolved config, model with restored float32 params on the default device, step).
+    """(resolved config, model with restored float32 params, step).
 
     `path`: a run workdir (its latest complete checkpoint, or `step`), a checkpoints or
-    step directory, or a params-only export directory.
+    step directory, or a params-only export directory. Parameters land on the first local
+    device, or, with `mesh_for(config) -> Mesh`, straight in their shards on that mesh (the
+    same logical-axis rules as training): no device ever holds the whole model.
     """
+    from hybridlm.parallel import param_shardings
     from hybridlm.train.state import abstract_model
 
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def restore(source: Source) -> tuple[mlc.ConfigDict, nnx.Module]:
         cfg = source.config
         graphdef, meta = abstract_model(config_lib.model_dict(cfg), cfg.train.seed)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32,
-                                                               sharding=sharding),
-                                nnx.to_pure_dict(meta))
+        shardings = (jax.tree.map(lambda _: single, nnx.to_pure_dict(meta)) if mesh_for is None
+                     else param_shardings(meta, mesh_for(cfg)))
+        abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, jnp.float32,
+                                                                   sharding=sh),
+                                nnx.to_pure_dict(meta), shardings)
         return cfg, nnx.merge(graphdef, restore_params(source, abstract))
 
     source, (cfg, model) = first_that_restores(find_sources(Path(path), step), restore)
