@@ -125,7 +125,8 @@ def _attention(root: Path, names: Sequence[str], img: Path) -> tuple[str, list[s
     for name in names:
         result = _json(root / name / "eval" / "analysis.json")
         for r in (result or {}).get("lengths", []):
-            for kind, m in [*r["by_type"].items(), ("all", r["overall"])]:
+            overall = [("all", r["overall"])] if len(r["by_type"]) > 1 else []
+            for kind, m in [*r["by_type"].items(), *overall]:
                 rows.append([name, str(r["length"]), kind,
                              *(_f(m[s]) for s in SEGMENTS), _f(m["entropy"], 2)])
                 if r is result["lengths"][0]:
