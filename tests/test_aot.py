@@ -64,6 +64,21 @@ def test_verdict_names_the_knobs_that_would_help():
     assert small.step_time_s(459e12) == pytest.approx(1e18 / (64 * 459e12 * 0.5))
 
 
+def test_out_of_hbm_at_compile_is_a_verdict_not_an_error():
+    # the TPU compiler's message for the 8B rope step at 128k on v5p:4x4x4 (bench/scaling.py)
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (224.07G) exceeds available HBM (95.74G).")
+    assert aot.out_of_hbm_bytes(message) == int(224.07 * GIB)
+    assert aot.out_of_hbm_bytes("INTERNAL: something else") is None
+    over = report(compiled=False, temp_bytes=int(224.07 * GIB), argument_bytes=3 * GIB,
+                  xla_flops_per_device=0.0, mosaic_kernels=0, remat="full",
+                  param_bytes=GIB, opt_bytes=2 * GIB)
+    assert not over.fits and "does NOT fit: 227.1 GiB per device" in over.verdict()
+    text = aot.format_report(over, aot.parse_topology("v5p:4x4x4"))
+    assert "the TPU compiler's figure: it stopped, out of HBM" in text
+    assert "XLA's own count needs a program that compiles" in text
+
+
 def small_config():
     """d 128, 2 query and 2 key/value heads (splash splits them over tensor=2), T=512."""
     return config_lib.load("configs/tiny.py:seq_len=512", [

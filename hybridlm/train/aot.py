@@ -38,6 +38,10 @@ GIB = 2**30
 CHIPS = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
 DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}  # 3D torus or 2D mesh of chips
 TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+# The TPU compiler stops with this when a step's temporaries cannot fit the chip's HBM.
+OUT_OF_HBM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                        r"\(([\d.]+)([KMGT]?)\)")
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 INSTALL_HINT = "pip install 'hybridlm[tpu]'"
 
 
@@ -128,6 +132,9 @@ class Report:
     attention_impl: str
     mosaic_kernels: int  # Mosaic (Pallas TPU) calls in the compiled program: splash, for real
     loop_trips: int  # layer groups run by one scanned loop, whose body XLA counts only once
+    # False when the TPU compiler stopped because the step cannot fit: temp_bytes is then
+    # the compiler's own figure from that message, and XLA's FLOPs are unknown (0).
+    compiled: bool = True
 
     @property
     def peak_bytes(self) -> int:
@@ -194,28 +201,46 @@ def compile_for(cfg: mlc.ConfigDict, topology: Topology, *, mfu: float = 0.4,
     graphdef, params_meta = abstract_model(model_cfg, t.seed)
     tx = make_optimizer(t, mask=decay_mask(params_meta))
     layout = make_layout(graphdef, params_meta, tx, mesh)
-    compiled = compile_train_step(cfg, mesh, layout, tx)
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     tokens = t.batch_size * seq_len
     batch_bytes = tokens * 4 * 5 // math.prod(
         mesh.shape[a] for a in ("data", "fsdp", "context"))  # five int32/float32 [B, T] inputs
-    return Report(
+    param_bytes = _shard_bytes(layout.abstract["params"])
+    opt_bytes = _shard_bytes(layout.abstract["opt_state"])
+    common = dict(
         topology=topology.name, devices=len(devices), chips=topology.chips,
         mesh=dict(mesh.shape), params=param_count(model_cfg), tokens_per_step=tokens,
-        param_bytes=_shard_bytes(layout.abstract["params"]),
-        opt_bytes=_shard_bytes(layout.abstract["opt_state"]), batch_bytes=batch_bytes,
-        argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        param_bytes=param_bytes, opt_bytes=opt_bytes, batch_bytes=batch_bytes,
         hbm_bytes=topology.hbm_bytes_per_chip * topology.chips // len(devices),
-        xla_flops_per_device=float(cost.get("flops", 0.0)),
         kernel_flops_per_step=splash_flops(cfg) if cfg.model.attention_impl == "splash" else 0.0,
         analytic_flops_per_step=flops_per_token(model_cfg, seq_len) * tokens,
         mfu=mfu, remat=cfg.model.remat, seq_len=seq_len,
-        attention_impl=cfg.model.attention_impl,
-        mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-        loop_trips=_loop_trips(model_cfg))
+        attention_impl=cfg.model.attention_impl, loop_trips=_loop_trips(model_cfg))
+    try:
+        compiled = compile_train_step(cfg, mesh, layout, tx)
+    except jax.errors.JaxRuntimeError as e:
+        temp = out_of_hbm_bytes(str(e))
+        if temp is None:
+            raise
+        return Report(**common, argument_bytes=param_bytes + opt_bytes + batch_bytes,
+                      temp_bytes=temp, output_bytes=0, xla_flops_per_device=0.0,
+                      mosaic_kernels=0, compiled=False)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return Report(
+        **common, argument_bytes=memory.argument_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        xla_flops_per_device=float(cost.get("flops", 0.0)),
+        mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+
+
+def out_of_hbm_bytes(message: str) -> int | None:
+    """The temporaries' bytes from the TPU compiler's out-of-HBM error, or None."""
+    match = OUT_OF_HBM.search(message)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * UNITS[match.group(2)])
 
 
 def _loop_trips(model_cfg: dict[str, Any]) -> int:
@@ -242,6 +267,16 @@ def format_report(report: Report, topology: Topology) -> str:
     """The human-readable summary `hybridlm compile` prints."""
     g = lambda b: f"{b / GIB:8.2f} GiB"
     step = report.step_time_s(topology.peak_flops_per_chip)
+    flops = (f"FLOPs per step: {report.analytic_flops_per_step:.3e} analytic (6N + attention); "
+             + (f"compiled {report.compiled_flops_per_step:.3e} = XLA's count "
+                f"{report.xla_flops_per_device * report.devices:.3e} (outside the attention "
+                f"kernel) + {report.kernel_flops_per_step:.3e} in the kernel (its visited "
+                "blocks)" if report.compiled else
+                f"{report.kernel_flops_per_step:.3e} in the kernel's block map (XLA's own "
+                "count needs a program that compiles)")
+             + (f"; XLA counts the scanned loop's body once, not {report.loop_trips} times "
+                "(model.scan_layers=False for the full count, slower to compile)"
+                if report.compiled and report.loop_trips > 1 else ""))
     lines = [
         f"{report.topology}: {report.devices} devices on {report.chips} chips, mesh "
         + " ".join(f"{a}={s}" for a, s in report.mesh.items())
@@ -253,16 +288,12 @@ def format_report(report: Report, topology: Topology) -> str:
         f"  parameters      {g(report.param_bytes)}",
         f"  optimizer state {g(report.opt_bytes)}",
         f"  batch           {g(report.batch_bytes)}",
-        f"  activations     {g(report.temp_bytes)}   (XLA temp: live during the step)",
+        f"  activations     {g(report.temp_bytes)}   "
+        + ("(XLA temp: live during the step)" if report.compiled else
+           "(the TPU compiler's figure: it stopped, out of HBM)"),
         f"  outputs         {g(report.output_bytes)}   (not aliased to the donated state)",
         f"  total           {g(report.peak_bytes)}   of {g(report.hbm_bytes)} HBM",
-        f"FLOPs per step: {report.analytic_flops_per_step:.3e} analytic (6N + attention); "
-        f"compiled {report.compiled_flops_per_step:.3e} = XLA's count "
-        f"{report.xla_flops_per_device * report.devices:.3e} (outside the attention kernel) "
-        f"+ {report.kernel_flops_per_step:.3e} in the kernel (its visited blocks)"
-        + (f"; XLA counts the scanned loop's body once, not {report.loop_trips} times "
-           "(model.scan_layers=False for the full count, slower to compile)"
-           if report.loop_trips > 1 else ""),
+        flops,
         f"step time at {report.mfu:.0%} MFU: {step:.3g} s "
         f"({report.tokens_per_step / step:,.0f} tokens/s)",
         report.verdict(),
