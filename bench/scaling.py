@@ -68,11 +68,10 @@ def row(r: dict) -> str:
         return f"| {r['variant']} | {r['seq_len'] // 1024}k | {r['topology']} | error: " \
                f"{r['error'][:120]} |" + " |" * 8
     g = lambda b: f"{b / GIB:.1f}"
-    if not r.get("compiled", True):  # the compiler stopped: its out-of-HBM figure
-        g = lambda b: f"{b / GIB:.1f}*"
+    star = "" if r.get("compiled", True) else "*"  # the compiler stopped: its out-of-HBM figure
     return (f"| {r['variant']} | {r['seq_len'] // 1024}k | {r['topology']} ({r['devices']}) "
             f"| {'yes' if r['fits'] else '**no**'} | {g(r['param_bytes'] + r['opt_bytes'])} "
-            f"| {g(r['temp_bytes'])} | {g(r['peak_bytes'])} / {g(r['hbm_bytes'])} "
+            f"| {g(r['temp_bytes'])}{star} | {g(r['peak_bytes'])}{star} / {g(r['hbm_bytes'])} "
             f"| {r['analytic_flops_per_step'] / 1e15:.1f} "
             f"| {xla_flops(r)} "
             f"| {r['kernel_flops_per_step'] / 1e15:.2f} "
