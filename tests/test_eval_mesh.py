@@ -93,6 +93,10 @@ def test_eval_mesh_shapes_and_refusals(export, devices):
     mesh = placement.eval_mesh(cfg)  # context folds into data
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1}
     assert placement.describe(mesh) == "mesh data=4 fsdp=2 context=1 tensor=1 (8 cpu devices)"
+    fully_sharded = config_lib.load("configs/tiny.py", ["mesh.data=1", "mesh.fsdp=-1",
+                                                        "mesh.tensor=2"])
+    assert dict(placement.eval_mesh(fully_sharded).shape) == \
+        {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
     with pytest.raises(ConfigError, match=r"mesh.fsdp=3 x mesh.tensor=1 = 3 does not divide"):
         placement.eval_mesh(cfg, ["mesh.fsdp=3"])
     with pytest.raises(ConfigError, match="only the mesh may change"):

@@ -40,13 +40,18 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 def eval_mesh(cfg: mlc.ConfigDict, overrides: Sequence[str] = (),
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The run's fsdp x tensor over all devices, the rest of them data replicas."""
+    """The run's fsdp x tensor over all devices, the rest of them data replicas (an axis
+    the run set to -1 takes all the devices the other one leaves)."""
     check_overrides(overrides)
     mesh_cfg = mlc.ConfigDict(cfg.mesh.to_dict())
     for override in overrides:
         config_lib.apply_override(mlc.ConfigDict({"mesh": mesh_cfg}), override)
     devices = list(jax.devices() if devices is None else devices)
-    fsdp, tensor = (1 if mesh_cfg[a] == -1 else mesh_cfg[a] for a in ("fsdp", "tensor"))
+    fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+    if -1 in (fsdp, tensor):  # the run's "rest of the devices" is the rest of these
+        other = tensor if fsdp == -1 else fsdp
+        rest = len(devices) // other if other != -1 and len(devices) % other == 0 else 1
+        fsdp, tensor = (rest, tensor) if fsdp == -1 else (fsdp, rest)
     kept = fsdp * tensor
     if len(devices) % kept:
         raise ConfigError(
