@@ -43,12 +43,7 @@ def lines_by_length(series: Mapping[str, Sequence[float]], lengths: Sequence[int
     if train_len is not None and train_len in lengths:
         ax.axvline(list(lengths).index(train_len), color="gray", lw=1, ls="--",
                    label="training length")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish(fig, ax, path, "context length (tokens)", ylabel, title)
 
 
 def loss_by_position(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -61,12 +56,7 @@ def loss_by_position(curves: Mapping[str, tuple[Sequence[float], Sequence[float]
     if train_len is not None:
         ax.axvline(train_len, color="gray", lw=1, ls="--", label="training length")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("mean loss (nats)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish(fig, ax, path, "token position", "mean loss (nats)", title)
 
 
 def segment_bars(masses: Mapping[str, Mapping[str, float]], path: str | Path,
@@ -90,6 +80,16 @@ def segment_bars(masses: Mapping[str, Mapping[str, float]], path: str | Path,
 
 def _k(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, legend and grid of a line plot, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
 
 
 def _save(fig, path) -> None:
@@ -123,9 +123,4 @@ def curves_by_step(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (x, y) in curves.items():
         ax.plot(x, y, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _finish(fig, ax, path, "step", ylabel, title)
