@@ -13,9 +13,8 @@ the checkpoint fixes the model.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import ml_collections as mlc
@@ -62,14 +61,9 @@ def eval_mesh(cfg: mlc.ConfigDict, overrides: Sequence[str] = (),
     return make_mesh(shape, devices)
 
 
-@contextlib.contextmanager
-def on_mesh(mesh: Mesh | None) -> Iterator[None]:
-    """Trace and run the model on `mesh` (its sharding hints on); nothing when None."""
-    if mesh is None:
-        yield
-        return
-    with activation_sharding(mesh):
-        yield
+def on_mesh(mesh: Mesh):
+    """Trace and run the model on `mesh`, its sharding hints on (the training rules)."""
+    return activation_sharding(mesh)
 
 
 def describe(mesh: Mesh) -> str:
