@@ -102,6 +102,10 @@ def defaults() -> mlc.ConfigDict:
     t.grad_clip = 1.0  # clip the global gradient norm to this (0: off)
     t.grad_accum_steps = 1  # microbatches per step: batch_size is split into this many
     t.z_loss = 0.0  # weight of mean(log Z^2), keeps the softmax normaliser near 1 (PaLM: 1e-4)
+    # the LM head and loss fused over chunks of this many positions, so the batch's logits
+    # never exist whole (-1: the largest chunk whose logits fit 8 MiB per device on CPU,
+    # 1 GiB elsewhere; 0: whole logits, plain autodiff)
+    t.loss_chunk = -1
     t.max_nan_streak = 5  # stop after this many non-finite losses in a row (each is skipped)
     t.init_from = ""  # new stage: start from the params of this workdir, checkpoint or export
     t.init_from_opt_state = False  # ... and its optimizer state (training checkpoints only)
@@ -348,6 +352,10 @@ def validate(cfg: mlc.ConfigDict) -> None:
     _positive_int(cfg.log.every, "log.every")
     _require(cfg.log.peak_flops >= 0, "log.peak_flops must be >= 0 (0: look the device up)")
     _validate_train(cfg.train)
+    chunk, seq_len = cfg.train.loss_chunk, cfg.data.seq_len
+    _require(chunk <= 0 or seq_len % chunk == 0,
+             f"train.loss_chunk ({chunk}) must divide data.seq_len ({seq_len}); or use -1 to "
+             "pick one")
     _validate_mesh(cfg.mesh)
     _validate_checkpoint(cfg.checkpoint, cfg.train)
     for field in ("every", "steps"):
@@ -376,6 +384,8 @@ def _validate_train(t: mlc.ConfigDict) -> None:
     _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1 and train.b2 must be in [0, 1)")
     _require(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0: off)")
     _require(t.z_loss >= 0, "train.z_loss must be >= 0 (0: off)")
+    _require(isinstance(t.loss_chunk, int) and t.loss_chunk >= -1,
+             f"train.loss_chunk must be an integer >= -1 (-1: auto, 0: off), got {t.loss_chunk!r}")
     _positive_int(t.grad_accum_steps, "train.grad_accum_steps")
     _positive_int(t.max_nan_streak, "train.max_nan_streak")
     _require(t.batch_size % t.grad_accum_steps == 0,

@@ -150,10 +150,13 @@ class Transformer(nnx.Module):
             x, new_cache["tail"] = (out, None) if cache is None else out
         return self.final_norm(x) if cache is None else (self.final_norm(x), new_cache)
 
+    def head_weight(self) -> jax.Array:
+        """The LM head [d_model, vocab]: the embedding transposed when tied."""
+        return self.embed[...].T if self.head is None else self.head[...]
+
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states -> float32 logits (tied or untied head, times logit_scale)."""
-        w = self.embed[...].T if self.head is None else self.head[...]
-        out = dense(h, w).astype(jnp.float32)
+        out = dense(h, self.head_weight()).astype(jnp.float32)
         if self.logit_scale != 1.0:
             out = out * self.logit_scale
         return constrain(out, ("batch", "length", "vocab"))

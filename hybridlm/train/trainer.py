@@ -37,7 +37,7 @@ from hybridlm.train.state import (
     init_state,
     make_layout,
 )
-from hybridlm.train.step import make_eval_step, make_train_step
+from hybridlm.train.step import auto_loss_chunk, make_eval_step, make_train_step
 
 BATCH_KEYS = {"inputs": np.int32, "targets": np.int32, "positions": np.int32,
               "segment_ids": np.int32, "weights": np.float32}
@@ -106,6 +106,16 @@ def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, me
     return float(ce / max(weight, 1.0))
 
 
+def loss_chunk(cfg: mlc.ConfigDict, mesh, microbatches: int) -> int:
+    """train.loss_chunk, with -1 resolved for this mesh and the device kind."""
+    if cfg.train.loss_chunk >= 0:
+        return cfg.train.loss_chunk
+    rows = cfg.train.batch_size / microbatches / (mesh.shape["data"] * mesh.shape["fsdp"])
+    vocab = cfg.model.vocab_size / mesh.shape["tensor"]
+    return auto_loss_chunk(cfg.data.seq_len, rows * vocab / mesh.shape["context"],
+                           mesh.devices.flat[0].platform)
+
+
 def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                        tx: optax.GradientTransformation) -> Callable:
     """The train step compiled ahead of time for the global batch, state donated, input and
@@ -116,7 +126,8 @@ def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                                               sharding=sharding)
                       for k, d in BATCH_KEYS.items()}
     step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
-                              z_loss=t.z_loss)
+                              z_loss=t.z_loss, loss_chunk=loss_chunk(cfg, mesh, t.grad_accum_steps),
+                              unroll=not cfg.model.scan_layers)
     with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
         return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
                        out_shardings=(layout.shardings, replicated(mesh)),
@@ -197,7 +208,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     # ---- compile -------------------------------------------------------------------
     compile_start = time.perf_counter()
     train_step = compile_train_step(cfg, mesh, layout, tx)
-    eval_step = jax.jit(make_eval_step(layout.graphdef),
+    eval_step = jax.jit(make_eval_step(layout.graphdef, loss_chunk(cfg, mesh, 1)),
                         in_shardings=(layout.params_sharding, batch_sharding(mesh)),
                         out_shardings=replicated(mesh))
     flops = flops_per_token(model_cfg, seq_len)

@@ -1,0 +1,130 @@
+"""The LM head and its cross-entropy, fused and computed over chunks of the sequence.
+
+Materialising the logits of a whole batch costs tokens x vocab floats (134 MB for 4 x 1024
+tokens over 8192 words; 125 GiB for one 128k sequence over Gemma's 256k), and autodiff
+keeps them, their softmax and their gradient alive at once. Here the tokens are split into
+chunks and each chunk's logits live only inside one step of a scan:
+
+- the forward pass (`jax.grad` or not) forms a chunk's logits, its log-normaliser and its
+  cross-entropy, and, when differentiated, at once the gradient w.r.t. the logits
+  (softmax - one-hot, times the token weight): the loss is a plain sum over tokens, so that
+  gradient is known before the backward pass starts;
+- it contracts that gradient straight away into the hidden states' gradient (chunk by
+  chunk) and the head's gradient (accumulated over chunks); only those two are kept;
+- the backward pass scales them by the incoming cotangent.
+
+Chunks are strided (chunk i holds positions i, i + n, i + 2n, ...), so when the sequence is
+split over devices (context parallelism) every chunk is spread over all of them.
+The arithmetic is the autodiff of `logits -> logsumexp - logits[target]`, reordered: equal
+to the unchunked loss within float rounding (tests/test_ops_cross_entropy.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+LossSums = tuple[jax.Array, jax.Array]
+
+
+def _float(dtype) -> jnp.dtype:
+    """The loss arithmetic's dtype: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _chunk_losses(h, w, targets, scale):
+    """Per-token (softmax, log Z, cross-entropy) for one chunk, in float32 (or float64)."""
+    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=_float(h.dtype))
+    if scale != 1.0:
+        logits = logits * scale
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    log_z = (top + jnp.log(total))[..., 0]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return exp / total, log_z, log_z - target_logit
+
+
+def _strided_chunks(x: jax.Array, n: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, T/n, ...]; chunk i holds positions i, i + n, ..."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, t // n, n, *x.shape[2:]), 2, 0)
+
+
+def _unstride(x: jax.Array) -> jax.Array:
+    """Inverse of `_strided_chunks`."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 2).reshape(b, n * c, *x.shape[3:])
+
+
+def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array,
+                          weights: jax.Array, *, chunk: int, logit_scale: float = 1.0,
+                          z_loss: float = 0.0, unroll: bool = False) -> LossSums:
+    """(objective, cross-entropy sum) of the head `h @ w * logit_scale` over weighted tokens.
+
+    h [B, T, d] final hidden states (compute dtype); w [d, V] the head (tied: the embedding
+    transposed); targets [B, T] int; weights [B, T] (0: not counted). objective is the
+    weighted cross-entropy sum plus `z_loss * sum(weights * log Z^2)`. `chunk` positions per
+    row per chunk; T must be a multiple of it. `unroll` unrolls the loop over chunks, so
+    that XLA's cost analysis counts every chunk (it counts a loop body once).
+    """
+    t = h.shape[1]
+    if chunk <= 0 or t % chunk:
+        raise ValueError(f"loss chunk {chunk} must be a positive divisor of the length {t}")
+    n = t // chunk
+    scan = functools.partial(jax.lax.scan, unroll=n if unroll else 1)
+    real = _float(h.dtype)
+    weights = weights.astype(real)
+    scale = float(logit_scale)
+    tokens = (_strided_chunks(targets, n), _strided_chunks(weights, n))
+
+    def sums(ce, log_z, wc):
+        ce_sum = jnp.sum(ce * wc)
+        return ce_sum + z_loss * jnp.sum(jnp.square(log_z) * wc) if z_loss else ce_sum, ce_sum
+
+    @jax.custom_vjp
+    def head_loss(h, w):
+        def body(acc, xs):
+            hc, tc, wc = xs
+            _, log_z, ce = _chunk_losses(hc, w, tc, scale)
+            return jax.tree.map(jnp.add, acc, sums(ce, log_z, wc)), None
+
+        zero = jnp.zeros((), real)
+        return scan(body, (zero, zero), (_strided_chunks(h, n), *tokens))[0]
+
+    def forward(h, w):
+        # Per token, d objective / d logits = scale * weight * (softmax - onehot + 2 z log Z
+        # softmax); d ce_sum / d logits drops the z term. With z_loss both are kept.
+        parts = 2 if z_loss else 1
+
+        def body(carry, xs):
+            acc, dw = carry
+            hc, tc, wc = xs
+            probs, log_z, ce = _chunk_losses(hc, w, tc, scale)
+            d_ce = probs - jax.nn.one_hot(tc, probs.shape[-1], dtype=probs.dtype)
+            d_logits = [d_ce]
+            if z_loss:
+                d_logits.insert(0, d_ce + (2.0 * z_loss) * log_z[..., None] * probs)
+            d_logits = jnp.stack(d_logits) * (scale * wc[..., None])
+            d_logits = d_logits.astype(hc.dtype)
+            dh = jnp.einsum("pbcv,dv->pbcd", d_logits, w.astype(hc.dtype),
+                            preferred_element_type=real).astype(hc.dtype)
+            dw = dw + jnp.einsum("bcd,pbcv->pdv", hc, d_logits, preferred_element_type=real)
+            return (jax.tree.map(jnp.add, acc, sums(ce, log_z, wc)), dw), dh
+
+        zero = jnp.zeros((), real)
+        init = ((zero, zero), jnp.zeros((parts, *w.shape), real))
+        (out, dw), dh = scan(body, init, (_strided_chunks(h, n), *tokens))
+        return out, (dh, dw.astype(w.dtype))
+
+    def backward(residuals, cotangents):
+        dh, dw = residuals  # [parts, ...]: the objective's (and, with z_loss, ce_sum's)
+        g_objective, g_ce = cotangents
+        g = jnp.stack([g_objective, g_ce]) if z_loss else (g_objective + g_ce)[None]
+        dh = jnp.einsum("p,np...->n...", g.astype(dh.dtype), dh)
+        return _unstride(dh), jnp.einsum("p,p...->...", g.astype(dw.dtype), dw)
+
+    head_loss.defvjp(forward, backward)
+    return head_loss(h, w)
