@@ -13,10 +13,20 @@ import numpy as np
 import pytest
 
 from hybridlm import ops
+from hybridlm.ops import blockwise
 from hybridlm.ops.blockwise import block_sizes, blockwise_attention, plan
 
 B, T, H, D = 2, 37, 4, 8  # 37: not a multiple of any block size used here
 BLOCK = dict(block_q=16, block_kv=16)
+
+
+@pytest.fixture(params=["strips", "steps"])
+def plan_kind(request, monkeypatch):
+    """Runs a test with both plans: strips (what these short sequences get by default, and
+    all the other tests here) and steps (what long sequences get)."""
+    if request.param == "steps":
+        monkeypatch.setattr(blockwise, "MAX_STRIPS", 0)
+    return request.param
 
 
 def inputs(seed, t=T, s=None, h=H, hkv=2, dtype=jnp.float32, sinks=False):
@@ -79,11 +89,13 @@ MASKS = {
 }
 
 
+@pytest.mark.usefixtures("plan_kind")
 @pytest.mark.parametrize("name", MASKS)
 def test_masks_match_dense(name):
     assert_matches_dense(ops.MaskSpec(**MASKS[name]))
 
 
+@pytest.mark.usefixtures("plan_kind")
 @pytest.mark.parametrize("name", ["causal", "chunk_and_window"])
 def test_packed_documents_match_dense(name):  # with sink logits too
     assert_matches_dense(ops.MaskSpec(**MASKS[name], **packed()), sinks=True)
@@ -136,6 +148,16 @@ def test_plan_skips_hidden_blocks_and_masks_only_edges():
     w = plan(1024, 1024, 128, 128, True, 256, None, False, None)
     assert [len(s.q_blocks) for s in w.steps] == [8, 7, 6]  # diagonal, one back, the edge
     assert [s.masked for s in w.steps] == [True, False, True]
+
+
+def test_strip_plan_covers_each_query_blocks_visible_run():
+    p = plan(1024, 1024, 256, 256, True, None, None, False, None, strips=True)
+    assert [(s.q_blocks, s.kv_blocks, s.kv_span, s.masked) for s in p.steps] == [
+        ((0,), (0,), 1, True), ((1,), (0,), 2, True), ((2,), (0,), 3, True),
+        ((3,), (0,), 4, True)]
+    assert p.computed_pairs() == 10 * 256 * 256  # the same causal triangle as steps
+    w = plan(1024, 1024, 128, 128, True, 256, None, False, None, strips=True)
+    assert [(s.kv_blocks[0], s.kv_span) for s in w.steps][-2:] == [(4, 3), (5, 3)]
 
 
 def test_windows_cap_block_sizes():

@@ -40,6 +40,9 @@ SCORES_PER_STEP = 2**23
 # that the partly hidden blocks at its two edges add at most ~1/8 of the visible work.
 SPAN_BLOCKS = 8
 MIN_BLOCK = 64
+# Strips (a query block against all its visible keys at once) are unrolled one per query
+# block; beyond this many, steps batch the query blocks instead.
+MAX_STRIPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Step:
     q_blocks: tuple[int, ...]
     kv_blocks: tuple[int, ...]
     masked: bool  # False: every pair in the step is entirely visible, skip the mask
+    kv_span: int = 1  # a strip: one query block against kv_span key blocks from kv_blocks[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Plan:
     block_q: int
     block_kv: int
     steps: tuple[Step, ...]
+    strips: bool = False  # few steps of bounded size: XLA may run them concurrently
 
     @property
     def num_q_blocks(self) -> int:
@@ -69,17 +74,20 @@ class Plan:
 
     def computed_pairs(self) -> int:
         """Query-key pairs whose scores the kernel computes (per batch row and head)."""
-        return sum(len(s.q_blocks) for s in self.steps) * self.block_q * self.block_kv
+        blocks = sum(len(s.q_blocks) * s.kv_span for s in self.steps)
+        return blocks * self.block_q * self.block_kv
 
 
 @functools.lru_cache(maxsize=256)
 def plan(q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
          window: int | None, chunk: int | None, always_mask: bool,
-         q_blocks_per_step: int | None = None) -> Plan:
+         q_blocks_per_step: int | None = None, strips: bool = False) -> Plan:
     """The steps that cover every visible (query, key) pair, in execution order.
 
     Query blocks are taken `q_blocks_per_step` at a time (all when None); for each such
     group, step s pairs every query block with its s-th visible key block, diagonal first.
+    With `strips`, each step is instead one query block against all its visible key blocks
+    (a contiguous run) at once: one plain softmax per row, no online rescaling.
     """
     lo, hi = visible_offsets(causal, window, chunk)  # allowed q_index - kv_index
     nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
@@ -96,6 +104,11 @@ def plan(q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
             full = lo <= d_min and d_max <= hi and not padded and not always_mask
             row.append((j, full))
         visible.append(row)
+    if strips:
+        return Plan(q_len, kv_len, block_q, block_kv, tuple(
+            Step(q_blocks=(i,), kv_blocks=(min(j for j, _ in row),), kv_span=len(row),
+                 masked=not all(full for _, full in row))
+            for i, row in enumerate(visible) if row), strips=True)
     steps = []
     per_step = q_blocks_per_step or nq
     for first in range(0, nq, per_step):
@@ -151,6 +164,29 @@ def _put(x: jax.Array, blocks: tuple[int, ...], value: jax.Array, axis: int,
     return jax.lax.dynamic_update_slice_in_dim(x, value, first, axis=axis)
 
 
+def _kv_blocks(step: Step) -> tuple[int, ...]:
+    """The key blocks a step reads, in order (a strip's whole run)."""
+    if step.kv_span == 1:
+        return step.kv_blocks
+    return tuple(range(step.kv_blocks[0], step.kv_blocks[0] + step.kv_span))
+
+
+def _take_kv(x: jax.Array, step: Step, axis: int, after=None) -> jax.Array:
+    """A step's key-side blocks along `axis`; a strip's run is merged into one block."""
+    x = _take(x, _kv_blocks(step), axis, after)
+    if step.kv_span == 1:
+        return x
+    shape = x.shape
+    return x.reshape(*shape[:axis], 1, shape[axis] * shape[axis + 1], *shape[axis + 2:])
+
+
+def _put_kv(x: jax.Array, step: Step, value: jax.Array, axis: int) -> jax.Array:
+    """x with a step's key-side gradient blocks added (a strip's merged block split)."""
+    if step.kv_span > 1:
+        value = value.reshape(*value.shape[:axis], step.kv_span, -1, *value.shape[axis + 2:])
+    return _put(x, _kv_blocks(step), value, axis, add=True)
+
+
 # -- the kernel ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -171,14 +207,14 @@ def _step_mask(st: _Static, step: Step, aux, keys_first: bool) -> jax.Array:
         x = _take(x, blocks, 1)
         return x[:, None, :, None, None, :] if keys_first else x[:, None, :, None, :, None]
 
-    def cols(x, blocks):  # key-side values, broadcast along queries
-        x = _take(x, blocks, 1)
+    def cols(x):  # key-side values, broadcast along queries
+        x = _take_kv(x, step, 1)
         return x[:, None, :, :, None, None] if keys_first else x[:, None, :, None, None, :]
 
-    p, s = rows(q_pos, step.q_blocks), cols(kv_pos, step.kv_blocks)
+    p, s = rows(q_pos, step.q_blocks), cols(kv_pos)
     bk = st.plan.block_kv
-    kv_index = np.asarray(step.kv_blocks)[None, :, None] * bk + np.arange(bk)
-    mask = cols(jnp.asarray(kv_index < st.plan.kv_len), tuple(range(len(step.kv_blocks))))
+    kv_index = np.arange(st.plan.num_kv_blocks)[None, :, None] * bk + np.arange(bk)
+    mask = cols(jnp.asarray(kv_index < st.plan.kv_len))
     if st.causal:
         mask = mask & (s <= p)
     if st.window is not None:
@@ -188,7 +224,7 @@ def _step_mask(st: _Static, step: Step, aux, keys_first: bool) -> jax.Array:
     if st.chunk is not None:
         mask = mask & (p // st.chunk == s // st.chunk)
     if q_seg is not None:
-        mask = mask & (rows(q_seg, step.q_blocks) == cols(kv_seg, step.kv_blocks))
+        mask = mask & (rows(q_seg, step.q_blocks) == cols(kv_seg))
     return mask
 
 
@@ -228,7 +264,7 @@ def _forward(st: _Static, q, k, v, sinks, aux):
     after = None
     for step in st.plan.steps:
         qb = _take(q, step.q_blocks, 2, after)
-        kb, vb = (_take(x, step.kv_blocks, 2, after) for x in (k, v))
+        kb, vb = (_take_kv(x, step, 2, after) for x in (k, v))
         s = _scores(st, step, qb, kb, aux)
         row_max = s.max(axis=-1)
         if seen.isdisjoint(step.q_blocks):  # first visit of these rows: nothing to rescale
@@ -249,7 +285,7 @@ def _forward(st: _Static, q, k, v, sinks, aux):
         m = _put(m, step.q_blocks, m_new, 2, add=False)
         denom = _put(denom, step.q_blocks, denom_new, 2, add=False)
         acc = _put(acc, step.q_blocks, acc_new, 2, add=False)
-        after = _zero_after(acc_new)
+        after = None if st.plan.strips else _zero_after(acc_new)
     if sinks is not None:  # a sink joins every denominator and carries no value
         sink = _sink_rows(sinks, hkv, st.groups, rows)
         m_sink = jnp.maximum(m, sink)
@@ -279,7 +315,7 @@ def _backward(st: _Static, q, k, v, sinks, aux, out, lse, d_out):
     after = None
     for step in st.plan.steps:
         qb, dob = (_take(x, step.q_blocks, 2, after) for x in (q, d_out))
-        kb, vb = (_take(x, step.kv_blocks, 2, after) for x in (k, v))
+        kb, vb = (_take_kv(x, step, 2, after) for x in (k, v))
         s = _scores(st, step, qb, kb, aux, keys_first=True)  # [B, Hkv, n, bk, rows]
         p = jnp.exp(s - _take(lse, step.q_blocks, 2)[..., None, :])
         dv_part = jnp.einsum("bhnkq,bhnqd->bhnkd", p.astype(q.dtype), dob,
@@ -289,9 +325,9 @@ def _backward(st: _Static, q, k, v, sinks, aux, out, lse, d_out):
         dq_part = jnp.einsum("bhnkq,bhnkd->bhnqd", ds, kb, preferred_element_type=jnp.float32)
         dk_part = jnp.einsum("bhnkq,bhnqd->bhnkd", ds, qb, preferred_element_type=jnp.float32)
         dq = _put(dq, step.q_blocks, dq_part, 2, add=True)
-        dk = _put(dk, step.kv_blocks, dk_part, 2, add=True)
-        dv = _put(dv, step.kv_blocks, dv_part, 2, add=True)
-        after = _zero_after(dq_part)
+        dk = _put_kv(dk, step, dk_part, 2)
+        dv = _put_kv(dv, step, dv_part, 2)
+        after = None if st.plan.strips else _zero_after(dq_part)
     d_sinks = None
     if sinks is not None:  # d lse / d sink = p_sink, and out moves by -out * p_sink
         p_sink = jnp.exp(_sink_rows(sinks, hkv, st.groups, rows) - lse)
@@ -370,16 +406,30 @@ def block_sizes(spec: MaskSpec, q_len: int, kv_len: int, block_q: int,
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
                         scale: float, sinks: jax.Array | None = None,
                         block_q: int = DEFAULT_BLOCK_Q,
-                        block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
-    """Attention that computes only blocks the mask reaches; same contract as dense."""
+                        block_kv: int = DEFAULT_BLOCK_KV,
+                        strips: bool | None = None) -> jax.Array:
+    """Attention that computes only blocks the mask reaches; same contract as dense.
+
+    `strips` picks the plan: True, a query block's visible key blocks in one matmul each;
+    False, steps over all query blocks; None, strips when there are at most `MAX_STRIPS`
+    and each fits `SCORES_PER_STEP` (short sequences: on a 2-core CPU a causal layer at
+    T=1024 ran in 0.63x the time of steps, docs/performance.md).
+    """
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     bq, bk = block_sizes(spec, t, s_len, block_q, block_kv)
     always_mask = spec.q_segment_ids is not None or spec.chunk is not None
-    per_step = max(1, SCORES_PER_STEP // (b * h * bq * bk))  # query blocks per step
-    st = _Static(plan(t, s_len, bq, bk, spec.causal, spec.window, spec.chunk, always_mask,
-                      per_step),
-                 groups=h // hkv, causal=spec.causal, window=spec.window, chunk=spec.chunk)
+    geometry = (t, s_len, bq, bk, spec.causal, spec.window, spec.chunk, always_mask)
+    chosen = plan(*geometry, strips=True)
+    widest = max((step.kv_span for step in chosen.steps), default=1)
+    if strips is None:
+        strips = (len(chosen.steps) <= MAX_STRIPS
+                  and b * h * bq * bk * widest <= SCORES_PER_STEP)
+    if not strips:
+        per_step = max(1, SCORES_PER_STEP // (b * h * bq * bk))  # query blocks per step
+        chosen = plan(*geometry, per_step)
+    st = _Static(chosen, groups=h // hkv, causal=spec.causal, window=spec.window,
+                 chunk=spec.chunk)
     nq, nk = st.plan.num_q_blocks, st.plan.num_kv_blocks
     kv_positions = spec.kv_positions
     if kv_positions is None and t == s_len:
