@@ -32,16 +32,21 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from hybridlm import hugepages  # noqa: E402
+
+if __name__ == "__main__":  # as `hybridlm` runs: huge pages (HYBRIDLM_HUGE_PAGES=0: off)
+    hugepages.reexec([str(Path(__file__).resolve()), *sys.argv[1:]])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from machine import cpu_name, git_commit  # noqa: E402  (bench/machine.py)
 
 from hybridlm import config as config_lib  # noqa: E402
@@ -136,22 +141,38 @@ def run_case(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
     }
 
 
-def run_peer(name: str, repeats: int) -> dict:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from peer_nnx import make_step
-
-    _, seq_len, batch = CASES[name]
-    step, state, (inputs, targets) = make_step(seq_len, batch)
+PEER_TIMING = """
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import jax
+from peer_nnx import make_step
+step, state, (inputs, targets) = make_step({seq_len}, {batch})
+state, loss = step(state, inputs, targets)
+jax.block_until_ready(loss)
+times = []
+for _ in range({repeats}):
+    start = time.perf_counter()
     state, loss = step(state, inputs, targets)
     jax.block_until_ready(loss)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, loss = step(state, inputs, targets)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
+    times.append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+
+def run_peer(name: str, repeats: int, huge_pages: bool) -> dict:
+    """Time bench/peer_nnx.py in a fresh process, with glibc's default malloc (as the peers
+    run) or with huge pages (as `hybridlm` runs, hybridlm/hugepages.py)."""
+    _, seq_len, batch = CASES[name]
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if huge_pages:
+        env["GLIBC_TUNABLES"] = f"{hugepages.TUNABLE}=1"
+    code = PEER_TIMING.format(bench=str(ROOT / "bench"), seq_len=seq_len, batch=batch,
+                              repeats=repeats)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    times = json.loads(out.strip().splitlines()[-1])
     return {"step_s": min(times), "tokens_per_s": batch * seq_len / min(times),
-            "all_step_s": times}
+            "all_step_s": times, "huge_pages": huge_pages}
 
 
 def main() -> None:
@@ -167,6 +188,7 @@ def main() -> None:
                         help="also time the plain Flax NNX model (bench/peer_nnx.py)")
     args = parser.parse_args()
 
+    huge_pages = hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
     load_before = os.getloadavg()
     matmul_before = matmul_gflops()
     results = []
@@ -175,14 +197,17 @@ def main() -> None:
         result = run_case(name, args.override, args.steps, args.repeats)
         if args.peer and name in PEER_TOKENS_PER_S:
             print(f"running the plain Flax NNX model at the {name} shape ...", flush=True)
-            result["plain_nnx"] = run_peer(name, args.repeats)
+            result["plain_nnx"] = run_peer(name, args.repeats, huge_pages=False)
             result["speedup_vs_plain_nnx"] = (result["tokens_per_s"]
                                               / result["plain_nnx"]["tokens_per_s"])
+            if huge_pages:
+                result["plain_nnx_huge_pages"] = run_peer(name, args.repeats, huge_pages=True)
         results.append(result)
     run = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores", "jax": jax.__version__,
         "backend": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "huge_pages": huge_pages,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_2048_gflop_per_s": [matmul_before, matmul_gflops()],
         "steps": args.steps, "repeats": args.repeats, "note": args.note, "results": results,
@@ -212,6 +237,10 @@ def main() -> None:
             print(f"{r['case']}: plain Flax NNX model {r['plain_nnx']['step_s']:.3f} s/step, "
                   f"{r['plain_nnx']['tokens_per_s']:.0f} tokens/s on this machine now; "
                   f"hybridlm is {r['speedup_vs_plain_nnx']:.2f}x faster")
+        if "plain_nnx_huge_pages" in r:
+            peer = r["plain_nnx_huge_pages"]
+            print(f"{r['case']}: the plain model with huge pages too: {peer['step_s']:.3f} "
+                  f"s/step; hybridlm is {r['tokens_per_s'] / peer['tokens_per_s']:.2f}x faster")
     print(f"wrote {path}")
 
 

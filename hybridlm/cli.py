@@ -23,7 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from hybridlm import config as config_lib
+if __name__ == "__main__":  # `python -m hybridlm.cli`: huge pages first, before jax loads
+    from hybridlm import hugepages
+
+    hugepages.reexec(["-m", "hybridlm.cli", *sys.argv[1:]])
+
+from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.eval import cli as eval_cli
 from hybridlm.parallel import distributed
 
