@@ -6,13 +6,15 @@ key block) pairs hold any visible pair (those are computed) and which are entire
 visible (those skip the mask). Causal attention then costs about T^2/2 score
 entries, a window W about T*(W + block), never T^2.
 
-The pairs are computed in *steps*: step s takes, for every query block, its s-th
-visible key block counted back from the diagonal. One step is one batched matmul
-over all the query blocks it touches, so a causal layer is ~T/block large matmuls
-rather than (T/block)^2 small ones; on a CPU this is what makes it fast. The softmax
-is online (running max and sum per row), so memory is O(T * block), and the
-backward pass is a custom VJP that recomputes each block's probabilities from the
-saved log-sum-exp instead of storing them.
+The pairs are computed in *steps* (`block_plan.py`): step s takes, for every query
+block, its s-th visible key block counted back from the diagonal. One step is one
+batched matmul over all the query blocks it touches, so a causal layer is ~T/block
+large matmuls rather than (T/block)^2 small ones; on a CPU this is what makes it fast.
+The softmax is online (running max and sum per row), so memory is O(T * block), and
+the backward pass is a custom VJP that recomputes each block's probabilities from the
+saved log-sum-exp instead of storing them. Short sequences (at most MAX_STRIPS query
+blocks) run as *strips* instead: each query block against its whole visible run of
+keys in one matmul, which needs no rescaling and runs faster on a CPU.
 
 Blocks are skipped by sequence index; inside a computed block the mask is the full
 rule of `masks.py`, evaluated on positions and segment ids. That is exact because
@@ -28,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybridlm.ops.masks import MaskSpec, positions_or_default, visible_offsets
+from hybridlm.ops.block_plan import Plan, Step, block_sizes, plan
+from hybridlm.ops.masks import MaskSpec, positions_or_default
+
+__all__ = ["DEFAULT_BLOCK_KV", "DEFAULT_BLOCK_Q", "block_sizes", "blockwise_attention", "plan"]
 
 DEFAULT_BLOCK_Q = 256  # measured on a 2-core CPU: see docs/performance.md
 DEFAULT_BLOCK_KV = 256
@@ -36,89 +41,9 @@ DEFAULT_BLOCK_KV = 256
 # steps keep scratch small (the CPU runtime page-faults scratch above ~32 MB in again on every
 # call) but multiply the unrolled steps and so the compile time (docs/performance.md).
 SCORES_PER_STEP = 2**23
-# A window or chunk of span S uses blocks of at most S / SPAN_BLOCKS (but >= MIN_BLOCK), so
-# that the partly hidden blocks at its two edges add at most ~1/8 of the visible work.
-SPAN_BLOCKS = 8
-MIN_BLOCK = 64
 # Strips (a query block against all its visible keys at once) are unrolled one per query
 # block; beyond this many, steps batch the query blocks instead.
 MAX_STRIPS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One batched matmul: query block q_blocks[i] against key block kv_blocks[i]."""
-
-    q_blocks: tuple[int, ...]
-    kv_blocks: tuple[int, ...]
-    masked: bool  # False: every pair in the step is entirely visible, skip the mask
-    kv_span: int = 1  # a strip: one query block against kv_span key blocks from kv_blocks[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    q_len: int
-    kv_len: int
-    block_q: int
-    block_kv: int
-    steps: tuple[Step, ...]
-    strips: bool = False  # few steps of bounded size: XLA may run them concurrently
-
-    @property
-    def num_q_blocks(self) -> int:
-        return -(-self.q_len // self.block_q)
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return -(-self.kv_len // self.block_kv)
-
-    def computed_pairs(self) -> int:
-        """Query-key pairs whose scores the kernel computes (per batch row and head)."""
-        blocks = sum(len(s.q_blocks) * s.kv_span for s in self.steps)
-        return blocks * self.block_q * self.block_kv
-
-
-@functools.lru_cache(maxsize=256)
-def plan(q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
-         window: int | None, chunk: int | None, always_mask: bool,
-         q_blocks_per_step: int | None = None, strips: bool = False) -> Plan:
-    """The steps that cover every visible (query, key) pair, in execution order.
-
-    Query blocks are taken `q_blocks_per_step` at a time (all when None); for each such
-    group, step s pairs every query block with its s-th visible key block, diagonal first.
-    With `strips`, each step is instead one query block against all its visible key blocks
-    (a contiguous run) at once: one plain softmax per row, no online rescaling.
-    """
-    lo, hi = visible_offsets(causal, window, chunk)  # allowed q_index - kv_index
-    nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
-    visible = []  # per query block: [(kv block, entirely visible)], nearest first
-    for i in range(nq):
-        q_first, q_last = i * block_q, min((i + 1) * block_q, q_len) - 1
-        row = []
-        for j in reversed(range(nk)):
-            kv_first, kv_last = j * block_kv, min((j + 1) * block_kv, kv_len) - 1
-            d_min, d_max = q_first - kv_last, q_last - kv_first
-            if d_max < lo or d_min > hi:
-                continue
-            padded = (j + 1) * block_kv > kv_len
-            full = lo <= d_min and d_max <= hi and not padded and not always_mask
-            row.append((j, full))
-        visible.append(row)
-    if strips:
-        return Plan(q_len, kv_len, block_q, block_kv, tuple(
-            Step(q_blocks=(i,), kv_blocks=(min(j for j, _ in row),), kv_span=len(row),
-                 masked=not all(full for _, full in row))
-            for i, row in enumerate(visible) if row), strips=True)
-    steps = []
-    per_step = q_blocks_per_step or nq
-    for first in range(0, nq, per_step):
-        group = list(enumerate(visible))[first:first + per_step]
-        for s in range(max((len(r) for _, r in group), default=0)):
-            pairs = [(i, r[s]) for i, r in group if len(r) > s]
-            steps.append(Step(q_blocks=tuple(i for i, _ in pairs),
-                              kv_blocks=tuple(j for _, (j, _) in pairs),
-                              masked=not all(full for _, (_, full) in pairs)))
-    return Plan(q_len, kv_len, block_q, block_kv, tuple(steps))
 
 
 # -- static block indexing: slices where the blocks are a contiguous run -----------------
@@ -388,19 +313,6 @@ def _blocked_ids(ids: jax.Array | None, n: int, block: int) -> jax.Array | None:
     if ids is None:
         return None
     return _pad_to(ids.astype(jnp.int32), n * block, 1, value=-1).reshape(ids.shape[0], n, block)
-
-
-def block_sizes(spec: MaskSpec, q_len: int, kv_len: int, block_q: int,
-                block_kv: int) -> tuple[int, int]:
-    """The block sizes used: the configured ones, capped by the sequence lengths and, for
-    a window or chunk, by span / SPAN_BLOCKS (never below MIN_BLOCK)."""
-    if block_q < 1 or block_kv < 1:
-        raise ValueError(f"attention block sizes must be >= 1, got block_q={block_q}, "
-                         f"block_kv={block_kv}")
-    if spec.span is not None:
-        cap = max(MIN_BLOCK, spec.span // SPAN_BLOCKS)
-        block_q, block_kv = min(block_q, cap), min(block_kv, cap)
-    return min(block_q, q_len), min(block_kv, kv_len)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,

@@ -34,9 +34,10 @@ def _float(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _chunk_losses(h, w, targets, scale):
+def _chunk_losses(h, w_vd, targets, scale):
     """Per-token (softmax, log Z, cross-entropy) for one chunk, in float32 (or float64)."""
-    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=_float(h.dtype))
+    logits = jnp.einsum("bcd,vd->bcv", h, w_vd.astype(h.dtype),
+                        preferred_element_type=_float(h.dtype))
     if scale != 1.0:
         logits = logits * scale
     top = jnp.max(logits, axis=-1, keepdims=True)
@@ -84,17 +85,20 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array,
         ce_sum = jnp.sum(ce * wc)
         return ce_sum + z_loss * jnp.sum(jnp.square(log_z) * wc) if z_loss else ce_sum, ce_sum
 
+    # The loop works on the head vocabulary-major, [V, d] (a tied head's own layout), and
+    # accumulates its gradient so: every matmul then writes its natural layout, with no
+    # transpose inside the loop.
     @jax.custom_vjp
-    def head_loss(h, w):
+    def head_loss(h, w_vd):
         def body(acc, xs):
             hc, tc, wc = xs
-            _, log_z, ce = _chunk_losses(hc, w, tc, scale)
+            _, log_z, ce = _chunk_losses(hc, w_vd, tc, scale)
             return jax.tree.map(jnp.add, acc, sums(ce, log_z, wc)), None
 
         zero = jnp.zeros((), real)
         return scan(body, (zero, zero), (_strided_chunks(h, n), *tokens))[0]
 
-    def forward(h, w):
+    def forward(h, w_vd):
         # Per token, d objective / d logits = scale * weight * (softmax - onehot + 2 z log Z
         # softmax); d ce_sum / d logits drops the z term. With z_loss both are kept.
         parts = 2 if z_loss else 1
@@ -102,22 +106,22 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array,
         def body(carry, xs):
             acc, dw = carry
             hc, tc, wc = xs
-            probs, log_z, ce = _chunk_losses(hc, w, tc, scale)
+            probs, log_z, ce = _chunk_losses(hc, w_vd, tc, scale)
             d_ce = probs - jax.nn.one_hot(tc, probs.shape[-1], dtype=probs.dtype)
             d_logits = [d_ce]
             if z_loss:
                 d_logits.insert(0, d_ce + (2.0 * z_loss) * log_z[..., None] * probs)
             d_logits = jnp.stack(d_logits) * (scale * wc[..., None])
             d_logits = d_logits.astype(hc.dtype)
-            dh = jnp.einsum("pbcv,dv->pbcd", d_logits, w.astype(hc.dtype),
+            dh = jnp.einsum("pbcv,vd->pbcd", d_logits, w_vd.astype(hc.dtype),
                             preferred_element_type=real).astype(hc.dtype)
-            dw = dw + jnp.einsum("bcd,pbcv->pdv", hc, d_logits, preferred_element_type=real)
+            dw = dw + jnp.einsum("pbcv,bcd->pvd", d_logits, hc, preferred_element_type=real)
             return (jax.tree.map(jnp.add, acc, sums(ce, log_z, wc)), dw), dh
 
         zero = jnp.zeros((), real)
-        init = ((zero, zero), jnp.zeros((parts, *w.shape), real))
+        init = ((zero, zero), jnp.zeros((parts, *w_vd.shape), real))
         (out, dw), dh = scan(body, init, (_strided_chunks(h, n), *tokens))
-        return out, (dh, dw.astype(w.dtype))
+        return out, (dh, dw.astype(w_vd.dtype))
 
     def backward(residuals, cotangents):
         dh, dw = residuals  # [parts, ...]: the objective's (and, with z_loss, ce_sum's)
@@ -127,4 +131,4 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array,
         return _unstride(dh), jnp.einsum("p,p...->...", g.astype(dw.dtype), dw)
 
     head_loss.defvjp(forward, backward)
-    return head_loss(h, w)
+    return head_loss(h, w.T)
