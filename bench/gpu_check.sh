@@ -9,12 +9,8 @@
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# shellcheck source=bench/gpu_env.sh
+. "$(dirname "$0")/gpu_env.sh"
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, grain; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, 'devices', jax.devices())"
 
@@ -35,4 +31,4 @@ train() {
 }
 { train 20 && train 40; echo "cli train rc $?"; } 2>&1 | tee "$OUT/cli_train.log"
 cp $W/metrics.jsonl "$OUT/cli_metrics.jsonl" 2>/dev/null
-echo done
+echo "done"

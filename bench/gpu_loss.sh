@@ -8,12 +8,8 @@
 set -u
 OUT=${OUT:-bench/results/gpu-loss}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# shellcheck source=bench/gpu_env.sh
+. "$(dirname "$0")/gpu_env.sh"
 for chunk in -1 0; do
   timeout "${PART_S:-170}" python3 bench/gpu_train.py --only "150m rope T=8192" \
     --override train.loss_chunk=$chunk --out "$OUT/150m_rope_8k_chunk$chunk.json" 2>&1 \
@@ -21,4 +17,4 @@ for chunk in -1 0; do
 done
 timeout "${PART_S:-170}" python3 bench/gpu_train.py --only "1b rope" \
   --out "$OUT/1b_rope_8k.json" 2>&1 | grep -v -i "^W0000\|tpu" | tee "$OUT/1b_rope_8k.log"
-echo done
+echo "done"
