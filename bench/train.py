@@ -19,8 +19,10 @@ Before each repeat a 2048^3 float32 matmul is timed: model FLOP/s as a fraction 
 says how well the step uses the machine whatever else runs (the peers reached ~0.22:
 ~90 GFLOP/s against ~400 on a quiet machine).
 `--peer` times bench/peer_nnx.py, a plain Flax NNX model of the peers' kind, at the same
-shape right after each case (full causal attention at 8192 too, as MaxText ran it), so the
-comparison does not depend on how fast the machine happens to be today.
+shape right after each case, in a fresh process with glibc's default malloc (as the peers
+run) and, when this run has huge pages (hybridlm/hugepages.py), again with them (full
+causal attention at 8192 too, as MaxText ran it), so the comparison does not depend on how
+fast the machine happens to be today.
 Host overhead per step: the time the loop's Python side spends per step (fetching and
 placing the batch, dispatching the step; the computation itself runs asynchronously),
 measured directly, and loop - device, which says the same within the timing noise.
