@@ -13,19 +13,22 @@ import numpy as np
 import pytest
 
 from hybridlm import ops
-from hybridlm.ops import blockwise
+from hybridlm.ops import blockwise, cost
 from hybridlm.ops.blockwise import block_sizes, blockwise_attention, plan
 
 B, T, H, D = 2, 37, 4, 8  # 37: not a multiple of any block size used here
 BLOCK = dict(block_q=16, block_kv=16)
 
 
-@pytest.fixture(params=["strips", "steps"])
+@pytest.fixture(params=["strips", "strips-recompute", "steps"])
 def plan_kind(request, monkeypatch):
-    """Runs a test with both plans: strips (what these short sequences get by default, and
-    all the other tests here) and steps (what long sequences get)."""
+    """Runs a test with each plan: strips that keep their probabilities for the backward
+    pass (what these short sequences get by default, and all the other tests here), strips
+    too large to keep them (the backward recomputes them) and steps (long sequences)."""
     if request.param == "steps":
         monkeypatch.setattr(blockwise, "MAX_STRIPS", 0)
+    if request.param == "strips-recompute":
+        monkeypatch.setattr(blockwise, "KEEP_PROBS", 0)
     return request.param
 
 
@@ -181,3 +184,21 @@ def test_model_threads_block_sizes_and_matches_dense():
                                 attention_block_kv=8)
         logits[impl] = build(cfg)(tokens, extra["q_positions"], extra["q_segment_ids"])
     np.testing.assert_allclose(logits["blockwise"], logits["dense"], atol=2e-5)
+
+
+def test_kept_strip_probabilities_spare_the_backward_its_score_matmul(monkeypatch):
+    """With strips small enough to keep, the backward pass reads each strip's probabilities
+    instead of recomputing q.k (XLA's FLOP count is deterministic); too large, it recomputes."""
+    b, t, h, d = 2, 256, 4, 16
+    pairs = plan(t, t, 64, 64, True, None, None, False, None, strips=True).computed_pairs()
+    assert b * h * pairs <= blockwise.KEEP_PROBS
+
+    def grad_flops():
+        return cost.attention_cost("blockwise", batch=b, length=t, heads=h, kv_heads=h,
+                                   head_dim=d, block_q=64, block_kv=64)["flops"]
+
+    kept = grad_flops()
+    monkeypatch.setattr(blockwise, "KEEP_PROBS", 0)
+    recomputed = grad_flops()
+    score_matmul = 2 * b * h * pairs * d
+    assert recomputed - kept >= score_matmul

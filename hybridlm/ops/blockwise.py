@@ -14,7 +14,10 @@ The softmax is online (running max and sum per row), so memory is O(T * block), 
 the backward pass is a custom VJP that recomputes each block's probabilities from the
 saved log-sum-exp instead of storing them. Short sequences (at most MAX_STRIPS query
 blocks) run as *strips* instead: each query block against its whole visible run of
-keys in one matmul, which needs no rescaling and runs faster on a CPU.
+keys in one matmul, which needs no rescaling and runs faster on a CPU; when they are
+small enough (`KEEP_PROBS`), strips also keep their probabilities for the backward pass,
+which then skips the scores' matmul, mask and exp. Strips are formed keys-first ([keys,
+queries]), the layout in which the backward's dv and dk are plain matmuls.
 
 Blocks are skipped by sequence index; inside a computed block the mask is the full
 rule of `masks.py`, evaluated on positions and segment ids. That is exact because
@@ -44,6 +47,9 @@ SCORES_PER_STEP = 2**23
 # Strips (a query block against all its visible keys at once) are unrolled one per query
 # block; beyond this many, steps batch the query blocks instead.
 MAX_STRIPS = 8
+# Strips keep their probabilities for the backward pass (instead of recomputing scores,
+# mask and exp there) when all of them together hold at most this many floats (64 MiB).
+KEEP_PROBS = 2**24
 
 
 # -- static block indexing: slices where the blocks are a contiguous run -----------------
@@ -121,6 +127,7 @@ class _Static:
     causal: bool
     window: int | None
     chunk: int | None
+    keep_probs: bool = False  # strips only: save each strip's probabilities for backward
 
 
 def _step_mask(st: _Static, step: Step, aux, keys_first: bool) -> jax.Array:
@@ -224,8 +231,38 @@ def _forward(st: _Static, q, k, v, sinks, aux):
     return out, lse
 
 
-def _backward(st: _Static, q, k, v, sinks, aux, out, lse, d_out):
-    """Flash backward: per step recompute p = exp(s - lse), accumulate dq, dk, dv.
+def _strips_forward(st: _Static, q, k, v, sinks, aux):
+    """Strips with a plain softmax, formed keys-first as the backward pass reads them.
+    Returns (out f32, log-sum-exp per row, each strip's probabilities [B, Hkv, 1, bk, rows])."""
+    b, hkv, nq, rows, d = q.shape
+    out = jnp.zeros((b, hkv, nq, rows, d), jnp.float32)
+    lse = jnp.zeros((b, hkv, nq, rows), jnp.float32)
+    probs = []
+    for step in st.plan.steps:
+        qb = _take(q, step.q_blocks, 2)
+        kb, vb = (_take_kv(x, step, 2) for x in (k, v))
+        s = _scores(st, step, qb, kb, aux, keys_first=True)  # [B, Hkv, 1, bk, rows]
+        m = s.max(axis=-2)
+        if sinks is not None:  # a sink joins every denominator and carries no value
+            m = jnp.maximum(m, _sink_rows(sinks, hkv, st.groups, rows))
+        e = jnp.exp(s - _finite(m)[..., None, :])
+        denom = e.sum(axis=-2)
+        if sinks is not None:
+            denom = denom + jnp.exp(_sink_rows(sinks, hkv, st.groups, rows) - _finite(m))
+        safe = jnp.where(denom == 0.0, 1.0, denom)  # rows that saw no key: output 0, lse 0
+        p = e / safe[..., None, :]
+        out_b = jnp.einsum("bhnkd,bhnkq->bhndq", vb, p.astype(v.dtype),
+                           preferred_element_type=jnp.float32).swapaxes(-1, -2)
+        lse_b = jnp.where(denom == 0.0, 0.0, _finite(m) + jnp.log(safe))
+        out = _put(out, step.q_blocks, out_b, 2, add=False)
+        lse = _put(lse, step.q_blocks, lse_b, 2, add=False)
+        probs.append(p.astype(q.dtype))
+    return out, lse, tuple(probs)
+
+
+def _backward(st: _Static, q, k, v, sinks, aux, out, lse, d_out, probs=None):
+    """Flash backward: per step recompute p = exp(s - lse) (or take the kept `probs`),
+    accumulate dq, dk, dv.
 
     Scores are formed keys-first ([bk, rows]) so that dv = p @ dO and dk = ds @ q are
     plain matmuls; only dq contracts a transposed operand (measured faster on CPU than
@@ -238,16 +275,20 @@ def _backward(st: _Static, q, k, v, sinks, aux, out, lse, d_out):
     dv = jnp.zeros(v.shape, jnp.float32)
     d_out = d_out.astype(q.dtype)
     after = None
-    for step in st.plan.steps:
+    for i, step in enumerate(st.plan.steps):
         qb, dob = (_take(x, step.q_blocks, 2, after) for x in (q, d_out))
         kb, vb = (_take_kv(x, step, 2, after) for x in (k, v))
-        s = _scores(st, step, qb, kb, aux, keys_first=True)  # [B, Hkv, n, bk, rows]
-        p = jnp.exp(s - _take(lse, step.q_blocks, 2)[..., None, :])
+        if probs is None:
+            s = _scores(st, step, qb, kb, aux, keys_first=True)  # [B, Hkv, n, bk, rows]
+            p = jnp.exp(s - _take(lse, step.q_blocks, 2)[..., None, :])
+        else:
+            p = probs[i]
         dv_part = jnp.einsum("bhnkq,bhnqd->bhnkd", p.astype(q.dtype), dob,
                              preferred_element_type=jnp.float32)
         dp = jnp.einsum("bhnkd,bhnqd->bhnkq", vb, dob, preferred_element_type=jnp.float32)
         ds = (p * (dp - _take(delta, step.q_blocks, 2)[..., None, :])).astype(q.dtype)
-        dq_part = jnp.einsum("bhnkq,bhnkd->bhnqd", ds, kb, preferred_element_type=jnp.float32)
+        dq_part = jnp.einsum("bhnkd,bhnkq->bhndq", kb, ds,
+                             preferred_element_type=jnp.float32).swapaxes(-1, -2)
         dk_part = jnp.einsum("bhnkq,bhnqd->bhnkd", ds, qb, preferred_element_type=jnp.float32)
         dq = _put(dq, step.q_blocks, dq_part, 2, add=True)
         dk = _put_kv(dk, step, dk_part, 2)
@@ -268,15 +309,18 @@ def _attend(st: _Static, q, k, v, sinks, aux):
 
 
 def _attend_fwd(st, q, k, v, sinks, aux):
-    out, lse = _forward(st, q, k, v, sinks, aux)
+    if st.keep_probs:
+        out, lse, probs = _strips_forward(st, q, k, v, sinks, aux)
+    else:
+        (out, lse), probs = _forward(st, q, k, v, sinks, aux), None
     out = out.astype(q.dtype)
-    return out, (q, k, v, sinks, aux, out, lse)
+    return out, (q, k, v, sinks, aux, out, lse, probs)
 
 
 def _attend_bwd(st, residuals, d_out):
-    q, k, v, sinks, aux, out, lse = residuals
+    q, k, v, sinks, aux, out, lse, probs = residuals
     dq, dk, dv, d_sinks = _backward(st, q, k, v, sinks, aux, out.astype(jnp.float32), lse,
-                                    d_out)
+                                    d_out, probs)
     aux_zero = jax.tree.map(lambda x: None, aux)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_sinks, aux_zero
 
@@ -319,13 +363,17 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec
                         scale: float, sinks: jax.Array | None = None,
                         block_q: int = DEFAULT_BLOCK_Q,
                         block_kv: int = DEFAULT_BLOCK_KV,
-                        strips: bool | None = None) -> jax.Array:
+                        strips: bool | None = None, keep_probs: bool = True) -> jax.Array:
     """Attention that computes only blocks the mask reaches; same contract as dense.
 
     `strips` picks the plan: True, a query block's visible key blocks in one matmul each;
     False, steps over all query blocks; None, strips when there are at most `MAX_STRIPS`
     and each fits `SCORES_PER_STEP` (short sequences: on a 2-core CPU a causal layer at
     T=1024 ran in 0.63x the time of steps, docs/performance.md).
+    `keep_probs`: strips keep their probabilities for the backward pass when all together
+    fit `KEEP_PROBS` floats (a causal layer at T=1024 then takes ~0.8x the time); False
+    always recomputes them (the cuDNN path's fallback: a lax.cond keeps both branches'
+    residuals, taken or not).
     """
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
@@ -340,8 +388,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec
     if not strips:
         per_step = max(1, SCORES_PER_STEP // (b * h * bq * bk))  # query blocks per step
         chosen = plan(*geometry, per_step)
+    keep_probs = keep_probs and strips and b * h * chosen.computed_pairs() <= KEEP_PROBS
     st = _Static(chosen, groups=h // hkv, causal=spec.causal, window=spec.window,
-                 chunk=spec.chunk)
+                 chunk=spec.chunk, keep_probs=keep_probs)
     nq, nk = st.plan.num_q_blocks, st.plan.num_kv_blocks
     kv_positions = spec.kv_positions
     if kv_positions is None and t == s_len:

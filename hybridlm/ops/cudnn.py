@@ -124,7 +124,7 @@ def _packed(q, k, v, spec: MaskSpec, scale: float) -> jax.Array:
 
     def blockwise(q, k, v):
         return blockwise_attention(q, k, v, spec, scale=scale, block_q=DEFAULT_BLOCK_Q,
-                                   block_kv=DEFAULT_BLOCK_KV)
+                                   block_kv=DEFAULT_BLOCK_KV, keep_probs=False)
 
     fits = jnp.maximum(jnp.max(q_count), jnp.max(kv_count)) <= MAX_SEGMENTS
     return jax.lax.cond(fits, fused, blockwise, q, k, v)
