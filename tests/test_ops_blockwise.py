@@ -20,16 +20,25 @@ B, T, H, D = 2, 37, 4, 8  # 37: not a multiple of any block size used here
 BLOCK = dict(block_q=16, block_kv=16)
 
 
-@pytest.fixture(params=["strips", "strips-recompute", "steps"])
-def plan_kind(request, monkeypatch):
-    """Runs a test with each plan: strips that keep their probabilities for the backward
-    pass (what these short sequences get by default, and all the other tests here), strips
-    too large to keep them (the backward recomputes them) and steps (long sequences)."""
-    if request.param == "steps":
+def use_plan(kind: str, monkeypatch) -> str:
+    """strips: what these short sequences get by default (and all the other tests here),
+    keeping their probabilities for the backward pass; strips-recompute: strips too large to
+    keep them; steps: what long sequences get."""
+    if kind == "steps":
         monkeypatch.setattr(blockwise, "MAX_STRIPS", 0)
-    if request.param == "strips-recompute":
+    if kind == "strips-recompute":
         monkeypatch.setattr(blockwise, "KEEP_PROBS", 0)
-    return request.param
+    return kind
+
+
+@pytest.fixture(params=["strips", "steps"])
+def plan_kind(request, monkeypatch):
+    return use_plan(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["strips", "strips-recompute", "steps"])
+def every_plan(request, monkeypatch):
+    return use_plan(request.param, monkeypatch)
 
 
 def inputs(seed, t=T, s=None, h=H, hkv=2, dtype=jnp.float32, sinks=False):
@@ -98,7 +107,7 @@ def test_masks_match_dense(name):
     assert_matches_dense(ops.MaskSpec(**MASKS[name]))
 
 
-@pytest.mark.usefixtures("plan_kind")
+@pytest.mark.usefixtures("every_plan")
 @pytest.mark.parametrize("name", ["causal", "chunk_and_window"])
 def test_packed_documents_match_dense(name):  # with sink logits too
     assert_matches_dense(ops.MaskSpec(**MASKS[name], **packed()), sinks=True)
