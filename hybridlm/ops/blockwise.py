@@ -238,17 +238,18 @@ def _strips_forward(st: _Static, q, k, v, sinks, aux):
     out = jnp.zeros((b, hkv, nq, rows, d), jnp.float32)
     lse = jnp.zeros((b, hkv, nq, rows), jnp.float32)
     probs = []
+    sink = None if sinks is None else _sink_rows(sinks, hkv, st.groups, rows)
     for step in st.plan.steps:
         qb = _take(q, step.q_blocks, 2)
         kb, vb = (_take_kv(x, step, 2) for x in (k, v))
         s = _scores(st, step, qb, kb, aux, keys_first=True)  # [B, Hkv, 1, bk, rows]
         m = s.max(axis=-2)
         if sinks is not None:  # a sink joins every denominator and carries no value
-            m = jnp.maximum(m, _sink_rows(sinks, hkv, st.groups, rows))
+            m = jnp.maximum(m, sink)
         e = jnp.exp(s - _finite(m)[..., None, :])
         denom = e.sum(axis=-2)
         if sinks is not None:
-            denom = denom + jnp.exp(_sink_rows(sinks, hkv, st.groups, rows) - _finite(m))
+            denom = denom + jnp.exp(sink - _finite(m))
         safe = jnp.where(denom == 0.0, 1.0, denom)  # rows that saw no key: output 0, lse 0
         p = e / safe[..., None, :]
         out_b = jnp.einsum("bhnkd,bhnkq->bhndq", vb, p.astype(v.dtype),
@@ -265,8 +266,9 @@ def _backward(st: _Static, q, k, v, sinks, aux, out, lse, d_out, probs=None):
     accumulate dq, dk, dv.
 
     Scores are formed keys-first ([bk, rows]) so that dv = p @ dO and dk = ds @ q are
-    plain matmuls; only dq contracts a transposed operand (measured faster on CPU than
-    queries-first, where dv and dk both would).
+    plain matmuls; only dq contracts the key axis, and it is formed as k^T ds (the small
+    operand transposed) and transposed back (measured faster on CPU than ds^T k, and than
+    queries-first scores, where dv and dk both would contract a transposed operand).
     """
     b, hkv, nq, rows, d = q.shape
     delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)  # [B, Hkv, nq, rows]
