@@ -118,7 +118,8 @@ def test_the_workdir_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp
     assert f"taking over the lock of {tmp_path} from pid {dead}" in capsys.readouterr().out
 
 
-def test_a_run_that_would_not_resume_refuses_and_restart_moves_the_old_run_aside(tmp_path):
+def test_a_run_that_would_not_resume_refuses_and_restart_moves_the_old_run_aside(tmp_path,
+                                                                                 capsys):
     from tests.train_helpers import tiny_config
 
     run = tmp_path / "run"
@@ -139,6 +140,18 @@ def test_a_run_that_would_not_resume_refuses_and_restart_moves_the_old_run_aside
     assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
     assert (old / "tb").is_dir()
 
+    # the same config, killed before its first checkpoint (step 100): an attempt that
+    # resumes at step 0, not another run (an unattended restart must not be stuck)
+    cfg = tiny_config("train.steps=300", "checkpoint.every=100")
+    config.save(cfg, run / "config.json")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 99, "loss": 4}\n')
+    workdir_lib.claim(cfg, run, checkpoints).release()
+    assert "stopped before its first checkpoint; starting over from step 0" in \
+        capsys.readouterr().out
+    (run / "metrics.jsonl").write_text('{"step": 100, "loss": 4.0}\n')  # checkpoints deleted
+    with pytest.raises(errors.UserError, match="no checkpoint to resume from"):
+        workdir_lib.claim(cfg, run, checkpoints)
+
 
 def test_a_resume_sets_the_rows_after_its_checkpoint_aside_not_away(tmp_path):
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)]
@@ -148,6 +161,17 @@ def test_a_resume_sets_the_rows_after_its_checkpoint_aside_not_away(tmp_path):
     assert path.read_text() == "".join(rows[:4])
     assert (tmp_path / "metrics.superseded.jsonl").read_text() == \
         "".join(rows[4:]) + '{"step": 7, "lo\n'
+
+
+def test_no_start_without_disk_space_for_one_checkpoint(tmp_path, capsys):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(errors.UserError, match=r"MiB free, and one checkpoint of this model "
+                       r"takes about .* MiB: free some space, or point --config.checkpoint.dir"):
+        workdir_lib.check_disk_space(tmp_path / "checkpoints", free, keep=3)
+    workdir_lib.check_disk_space(tmp_path / "checkpoints", free // 3, keep=3)
+    assert "checkpoint.keep=3 keeps 4 at a time" in capsys.readouterr().out
 
 
 # ---- prepare --out ----------------------------------------------------------------------

@@ -215,7 +215,8 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
         distributed.on_process_0(lambda: workdir_lib.check_disk_space(
             checkpoint_dir, checkpoint_lib.state_bytes(layout), cfg.checkpoint.keep))
         checkpoints = checkpoint_lib.Checkpointer(cfg, workdir)
-    checkpoints = checkpoints or NoCheckpoints()
+    elif checkpoints is None:
+        checkpoints = NoCheckpoints()
     stack.callback(checkpoints.close)
     preemption.check_startup()
     restored = checkpoints.restore(layout)

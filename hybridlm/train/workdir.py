@@ -11,7 +11,9 @@ History: a workdir whose metrics.jsonl has rows, or whose checkpoint directory h
 checkpoints, belongs to a run. A run that would not resume it (checkpoint.enabled=False,
 or no checkpoint to resume from) would start metrics.jsonl over and replace config.json,
 so it refuses, unless told to `restart`: then the old run is first moved aside, whole, to
-`<workdir>.old-<time>/` (nothing is deleted).
+`<workdir>.old-<time>/` (nothing is deleted). One exception, so that an unattended restart
+is never stuck: rows of the same config that all precede the first checkpoint's step (the
+run died before it) are an attempt that resumes at step 0.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
+from hybridlm import config as config_lib
 from hybridlm.errors import UserError
 from hybridlm.train.checkpoint import checkpoint_steps
 
@@ -107,22 +110,44 @@ def _read(fd: int) -> dict:
 
 
 # ---- history ---------------------------------------------------------------------------
-def logged_rows(workdir: Path) -> int:
-    path = workdir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+def logged_steps(workdir: Path) -> list[int]:
+    """The steps of metrics.jsonl's rows (a line cut short by a kill counts as none)."""
+    path, steps = workdir / "metrics.jsonl", []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return steps
+
+
+def stopped_before_first_checkpoint(cfg: mlc.ConfigDict, workdir: Path,
+                                    steps: list[int]) -> bool:
+    """Whether the rows are of this same config, stopped (killed, crashed) before its first
+    checkpoint was due: then starting over is resuming from step 0."""
+    saved = workdir / "config.json"
+    first_save = min(cfg.checkpoint.every or cfg.train.steps, cfg.train.steps)
+    try:
+        same = json.loads(saved.read_text()) == json.loads(config_lib.to_json(cfg))
+    except (OSError, ValueError):
+        return False
+    return same and cfg.checkpoint.enabled and max(steps) < first_save
 
 
 def check_history(cfg: mlc.ConfigDict, workdir: Path, checkpoint_dir: Path) -> None:
     """Refuse a run that would overwrite another run's history without resuming it."""
-    rows, steps = logged_rows(workdir), sorted(checkpoint_steps(checkpoint_dir))
+    rows, steps = logged_steps(workdir), sorted(checkpoint_steps(checkpoint_dir))
     if not rows and not steps:
         return
     if cfg.checkpoint.enabled and steps:
         return  # it resumes this run
-    held = [f"metrics.jsonl with {rows} rows"] if rows else []
+    if rows and not steps and stopped_before_first_checkpoint(cfg, workdir, rows):
+        print(f"note: {workdir} holds {len(rows)} rows of this config that stopped before its "
+              "first checkpoint; starting over from step 0 (the rows move to "
+              "metrics.superseded.jsonl)", flush=True)
+        return
+    held = [f"metrics.jsonl with {len(rows)} rows"] if rows else []
     held += [f"checkpoints of steps {steps} in {checkpoint_dir}"] if steps else []
     why = ("checkpoint.enabled=False" if not cfg.checkpoint.enabled else
            f"there is no checkpoint to resume from in {checkpoint_dir}")
