@@ -193,7 +193,7 @@ exit $status
 """
 
 
-def test_a_full_disk_stops_the_run_once_with_the_last_checkpoint_intact(reference, tmp_path):
+def test_a_full_disk_stops_the_run_once_with_the_last_checkpoint_intact(tmp_path):
     """checkpoint.dir on a 2 MB tmpfs (in a private mount namespace): room for the start-up
     check (one checkpoint, ~0.6 MB of state) and for two checkpoints, not three."""
     fs, copy = tmp_path / "fs", tmp_path / "copy"

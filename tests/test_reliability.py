@@ -255,5 +255,8 @@ def test_ctrl_c_twice_during_start_up_quits_at_once_without_a_traceback(tmp_path
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "SIGINT again: quitting now, without saving" in err
+    # the second Ctrl-C quits at once; unless the first already ended start-up between two
+    # of its phases, before the second came
+    assert ("SIGINT again: quitting now, without saving" in err
+            or "SIGINT during start-up: stopped before the first step" in err), err
     assert "Traceback" not in err and "step 1/" not in out, out + err
