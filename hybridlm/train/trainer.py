@@ -194,14 +194,14 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     layout = make_layout(graphdef, params_meta, tx, mesh)
     try:
         restored = checkpoints.restore(layout)
+        if restored is not None:  # the data position (refused if seq_len/packing changed)
+            state, data_state = restored
+            train_iter.set_state(data_state)
     except BaseException:  # e.g. a config that changes shapes: no save is pending
         checkpoints.close()
         raise
     if is_main:  # after the checkpoints accepted this config
         config_lib.save(cfg, workdir / "config.json")
-    if restored is not None:
-        state, data_state = restored
-        train_iter.set_state(data_state)
     start = 0 if restored is None else int(jax.device_get(state["step"]))
     first = None
     if start < t.steps:  # check the pipeline's output before paying for any compile
