@@ -248,7 +248,7 @@ def test_eval_gives_a_fixed_number_of_batches_padded_past_the_end(cache, corpus_
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume_exactly(cache, corpus_dir):
     """Two workers each read every other batch: the same batches as none; their state is
-    global, so one worker continues it."""
+    global, so the pipeline without workers continues it."""
     cfg = config(cache, corpus_dir)
     reference = take(make_train_iterator(cfg, progress=False), 12)
     cfg.data.workers = 2
@@ -256,7 +256,7 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly(cache, corpus
     assert_same(take(it, 7), reference[:7])
     state = json.loads(json.dumps(it.get_state()))
     it.close()
-    cfg.data.workers = 1
+    cfg.data.workers = 0
     resumed = make_train_iterator(cfg, progress=False)
     resumed.set_state(state)
     assert_same(take(resumed, 5), reference[7:])
