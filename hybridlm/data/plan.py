@@ -35,7 +35,7 @@ def _tag(source: int, index: int) -> tuple[int, int]:
     return source, index
 
 
-def stream_seed(*parts: int) -> int:
+def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -54,7 +54,7 @@ class PieceStream:
         for i, table in enumerate(tables):
             ds = grain.MapDataset.range(len(table))
             if shuffle:
-                ds = ds.shuffle(seed=stream_seed(seed, i))
+                ds = ds.shuffle(seed=_seed(seed, i))
             parts.append(ds.repeat(num_epochs).map(functools.partial(_tag, i)))
         if len(parts) == 1:
             self._ds = parts[0]
