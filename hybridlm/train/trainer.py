@@ -29,6 +29,7 @@ from hybridlm.parallel import (
     activation_sharding,
     batch_sharding,
     distributed,
+    process_rows,
     put_batch,
     replicated,
 )
@@ -103,11 +104,11 @@ def contract(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, mesh,
-             process_count: int) -> float | None:
-    """Mean validation cross-entropy over up to `steps` batches (None if there are none)."""
+             rows: int) -> float | None:
+    """Mean validation cross-entropy over up to `steps` global batches of `rows` rows (None
+    if there are none)."""
     totals = []
     for _, local in zip(range(steps), batches, strict=False):
-        rows = len(local["inputs"]) * process_count
         totals.append(eval_step(params, put_batch(contract(local), mesh, rows)))
     if not totals:
         return None
@@ -198,12 +199,13 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
         print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
               f"devices, {process_count} process(es)", flush=True)
 
-    # ---- data (both splits checked before anything is restored or compiled) -----------
+    # ---- data: this process's rows of every global batch; both splits checked ----------
+    rows, local_rows = t.batch_size, process_rows(mesh, t.batch_size)
     if train_iter is None:
-        train_iter = data_pipeline.make_train_iterator(cfg, process_index, process_count)
-        stack.callback(train_iter.close)  # Grain's threads and worker processes
-    if cfg.eval.steps > 0:
-        data_pipeline.eval_dataset(cfg, process_index, process_count, progress=False)
+        train_iter = data_pipeline.make_train_iterator(cfg, rows=local_rows)
+        stack.callback(train_iter.close)  # its reading threads or worker processes
+    if cfg.eval.steps > 0:  # the validation split exists (before anything compiles)
+        data_pipeline.make_eval_iterator(cfg, rows=local_rows, progress=False).close()
     stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
 
     # ---- model, optimizer and state --------------------------------------------------
@@ -220,20 +222,19 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
     stack.callback(checkpoints.close)
     preemption.check_startup()
     restored = checkpoints.restore(layout)
-    if is_main:  # after the checkpoints accepted this config
-        config_lib.save(cfg, workdir / "config.json")
-    if restored is not None:
+    if restored is not None:  # the data position (refused if seq_len/packing changed)
         state, data_state = restored
         train_iter.set_state(data_state)
+    if is_main:  # after the checkpoints accepted this config
+        config_lib.save(cfg, workdir / "config.json")
     start = 0 if restored is None else int(jax.device_get(state["step"]))
     if start >= t.steps:
         if is_main:
             print(f"nothing to do: {workdir} has finished step {start} of train.steps="
                   f"{t.steps}", flush=True)
         return []
-    rows = t.batch_size
     first = next(train_iter)  # check the pipeline's output before paying for any compile
-    check_local_batch(first, rows // process_count, seq_len)
+    check_local_batch(first, len(local_rows), seq_len)
     if restored is None:
         state = init_state(model_cfg, tx, layout, t.seed)
         if stage_sources:
@@ -255,10 +256,13 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
               f"{'resuming at' if start else 'starting at'} step {start}", flush=True)
 
     def run_eval(params) -> float | None:
-        batches = (reorder_batch(b, mesh, cfg.mesh) for b in
-                   data_pipeline.make_eval_iterator(cfg, process_index, process_count))
-        with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
-            return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
+        it = data_pipeline.make_eval_iterator(cfg, rows=local_rows)
+        batches = (reorder_batch(b, mesh, cfg.mesh) for b in it)
+        try:
+            with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+                return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, rows)
+        finally:
+            it.close()  # its reading thread
 
     # ---- loop ----------------------------------------------------------------------
     writer = MetricsWriter(workdir, t.steps, start, enabled=is_main)
