@@ -116,16 +116,18 @@ def test_restore_on_another_mesh_gives_the_same_next_step_loss(trained, mesh_cfg
     np.testing.assert_allclose(float(metrics["loss"]), next_loss, rtol=2e-6)
 
 
-def test_a_truncated_latest_checkpoint_is_moved_aside_and_the_previous_resumes(
-        trained, tmp_path, devices, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "emptied"])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_resumes(
+        trained, tmp_path, devices, capsys, damage):
     cfg, workdir, saved, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
     # the array data a restore reads: the finished checkpoint's state/d/ (truncating files
     # under state/ocdbt.process_0/d/ instead left the restore unaffected when tried here)
     data_file = max((copy / "checkpoints/2/state/d").iterdir(), key=lambda p: p.stat().st_size)
-    with open(data_file, "r+b") as f:
-        f.truncate(data_file.stat().st_size // 2)
+    size = data_file.stat().st_size
+    data_file.write_bytes({"truncated": data_file.read_bytes()[:size // 2],
+                           "zeroed": bytes(size), "emptied": b""}[damage])
     _, layout = build_layout(cfg, devices)
     checkpointer = Checkpointer(cfg, copy)
     try:

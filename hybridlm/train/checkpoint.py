@@ -188,10 +188,14 @@ def find_sources(path: Path, step: int | None = None) -> list[Source]:
 
 
 def ignore_abandoned_reads() -> None:
-    """A restore that fails leaves tensorstore reads in flight; as each one completes, its
-    callback finds Orbax's event loop closed, and Python prints a traceback for it ("Event
-    loop is closed", 95 of them for one truncated file). They are harmless: from the first
-    failed restore on, this process drops exactly those."""
+    """A restore that fails leaves reads in flight. As each one ends, its callback finds
+    Orbax's event loop closed ("Event loop is closed", 95 tracebacks for one truncated
+    file), or asyncio reports its error as never retrieved (an emptied file). They are
+    harmless and summed up by the warning, and they can come before the restore's error
+    does: from the first restore on, this process drops exactly those two kinds of report."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _reported_by_asyncio not in asyncio_log.filters:
+        asyncio_log.addFilter(_reported_by_asyncio)
     previous = sys.unraisablehook
     if getattr(previous, "hybridlm", False):
         return
@@ -205,9 +209,14 @@ def ignore_abandoned_reads() -> None:
     sys.unraisablehook = hook
 
 
+def _reported_by_asyncio(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Future exception was never retrieved")
+
+
 def first_that_restores(sources: list[Source], restore: Callable[[Source], Any]
                         ) -> tuple[Source, Any]:
     """The newest source whose restore succeeds; damaged ones are skipped with a warning."""
+    ignore_abandoned_reads()
     errors = []
     for source in sources:
         try:
@@ -215,7 +224,6 @@ def first_that_restores(sources: list[Source], restore: Callable[[Source], Any]
         except (CheckpointError, ConfigError):
             raise
         except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
-            ignore_abandoned_reads()
             first_line = (str(e).splitlines() or [""])[0][:300]
             errors.append(f"{source.directory}: {type(e).__name__}: {first_line}")
             print(f"warning: checkpoint {source.directory} does not restore "
@@ -451,6 +459,7 @@ class Checkpointer:
         checkpoints' own, such as a changed library, must not throw them all away).
         """
         failed: list[tuple[int, str]] = []
+        ignore_abandoned_reads()
         for step in sorted(self.manager.all_steps(), reverse=True):
             source = Source("checkpoint", self.directory / str(step), step)
             restored, error = None, None
@@ -461,7 +470,6 @@ class Checkpointer:
             except (CheckpointError, ConfigError):
                 raise
             except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
-                ignore_abandoned_reads()
                 error = _reason(e)
             if not distributed.all_processes(error is None):
                 failed.append((step, error or "another process could not restore it"))
