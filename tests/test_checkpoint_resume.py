@@ -212,7 +212,9 @@ def test_a_full_disk_stops_the_run_once_with_the_last_checkpoint_intact(tmp_path
     if result.returncode == 99 or "unshare failed" in result.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()[-300:]}")
     assert result.returncode == 1, result.stderr[-3000:]
-    [message] = result.stderr.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    message = lines[0]
     assert message.startswith(f"hybridlm: training stopped: saving the checkpoint of step 6 "
                               f"into {fs}/checkpoints failed (No space left on device")
     assert f"the last complete checkpoint, {fs}/checkpoints/4, is intact" in message

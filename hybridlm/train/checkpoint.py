@@ -187,15 +187,16 @@ def find_sources(path: Path, step: int | None = None) -> list[Source]:
     return [Source("checkpoint", directory / str(s), s) for s in steps]
 
 
-def ignore_abandoned_reads() -> None:
-    """A restore that fails leaves reads in flight. As each one ends, its callback finds
-    Orbax's event loop closed ("Event loop is closed", 95 tracebacks for one truncated
-    file), or asyncio reports its error as never retrieved (an emptied file). They are
-    harmless and summed up by the warning, and they can come before the restore's error
-    does: from the first restore on, this process drops exactly those two kinds of report."""
+def ignore_abandoned_io() -> None:
+    """A restore or a background save that fails leaves Orbax's other reads or writes in
+    flight. As each one ends, its callback finds Orbax's event loop closed ("Event loop is
+    closed": 95 tracebacks for one truncated file), or asyncio reports its error as never
+    retrieved (an emptied file; a full disk, at exit). They are harmless, and the failure
+    itself is reported once: from the first restore or save on, this process drops exactly
+    those kinds of report (asyncio runs here only inside Orbax)."""
     asyncio_log = logging.getLogger("asyncio")
-    if _reported_by_asyncio not in asyncio_log.filters:
-        asyncio_log.addFilter(_reported_by_asyncio)
+    if _never_retrieved not in asyncio_log.filters:
+        asyncio_log.addFilter(_never_retrieved)
     previous = sys.unraisablehook
     if getattr(previous, "hybridlm", False):
         return
@@ -209,14 +210,15 @@ def ignore_abandoned_reads() -> None:
     sys.unraisablehook = hook
 
 
-def _reported_by_asyncio(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Future exception was never retrieved")
+def _never_retrieved(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("Future exception was never retrieved",
+                                               "Task exception was never retrieved"))
 
 
 def first_that_restores(sources: list[Source], restore: Callable[[Source], Any]
                         ) -> tuple[Source, Any]:
     """The newest source whose restore succeeds; damaged ones are skipped with a warning."""
-    ignore_abandoned_reads()
+    ignore_abandoned_io()
     errors = []
     for source in sources:
         try:
@@ -386,6 +388,7 @@ class Checkpointer:
         self._pending: int | None = None  # the step of a save still being written
         self._failed = False
         self._quiet = OrbaxErrors().__enter__()
+        ignore_abandoned_io()
 
     # -- saving ------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -459,7 +462,6 @@ class Checkpointer:
         checkpoints' own, such as a changed library, must not throw them all away).
         """
         failed: list[tuple[int, str]] = []
-        ignore_abandoned_reads()
         for step in sorted(self.manager.all_steps(), reverse=True):
             source = Source("checkpoint", self.directory / str(step), step)
             restored, error = None, None
