@@ -156,6 +156,13 @@ def _as_tiles(groups: list[list[tuple]], width: int, pad: tuple[int, int],
                  kv=tuple(tuple(j for _, j in g) for g in padded), masked=masked)
 
 
+def _iterations(rows: dict[int, list[int]], total: int, max_pairs: int) -> int:
+    """Iterations a loop needs: at least the busiest query block's pairs, at least
+    total / max_pairs, and two when there are two pairs or more (XLA inlines a loop of one
+    iteration, and the program's shape, and its memory, would then change with T)."""
+    return max(max(map(len, rows.values())), -(-total // max_pairs), min(2, total))
+
+
 @functools.lru_cache(maxsize=256)
 def schedule(p: Plan, max_pairs: int) -> Schedule:
     """The steps of plan `p` (not strips) as at most two loops of at most `max_pairs` pairs
@@ -173,7 +180,7 @@ def schedule(p: Plan, max_pairs: int) -> Schedule:
     loops = []
     total = sum(map(len, full.values()))
     if total:
-        n = max(max(map(len, full.values())), -(-total // max_pairs))
+        n = _iterations(full, total, max_pairs)
         width = total // n
         groups = _wrap(full, n, width)
         taken = {pair for g in groups for pair in g}
@@ -183,7 +190,7 @@ def schedule(p: Plan, max_pairs: int) -> Schedule:
             loops.append(_as_tiles(groups, width, (-1, -1), masked=False))
     total = sum(map(len, masked.values()))
     if total:
-        n = max(max(map(len, masked.values())), -(-total // max_pairs))
+        n = _iterations(masked, total, max_pairs)
         width = -(-total // n)
         groups = _wrap(masked, n, width)
         loops.append(_as_tiles(groups, width, (p.num_q_blocks, p.num_kv_blocks), masked=True))

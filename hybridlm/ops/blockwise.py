@@ -83,10 +83,10 @@ class _Static:
 
 # -- masks and scores, shared by strips and loops ----------------------------------------
 
-def _mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg, kv_index, keys_first: bool):
+def _mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg, kv_real, keys_first: bool):
     """The rule of `masks.visible` for n block pairs, from query-side values [B|1, n, bq]
-    and key-side values [B|1, n, bk] (kv_index [n, bk]: key indices, for padding):
-    [B|1, 1, n, 1, bq, bk], or [B|1, 1, n, bk, 1, bq] with keys_first."""
+    and key-side values [B|1, n, bk] (kv_real [n, bk]: False for padding keys, None when
+    there are none): [B|1, 1, n, 1, bq, bk], or [B|1, 1, n, bk, 1, bq] with keys_first."""
 
     def rows(x):  # query-side values, broadcast along keys
         return x[:, None, :, None, None, :] if keys_first else x[:, None, :, None, :, None]
@@ -97,7 +97,7 @@ def _mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg, kv_index, keys_first: bool)
     segments = {} if q_seg is None else dict(q_segments=rows(q_seg), kv_segments=cols(kv_seg))
     mask = visible(rows(q_pos), cols(kv_pos), causal=st.causal, window=st.window,
                    chunk=st.chunk, **segments)
-    return mask & cols((kv_index < st.plan.kv_len)[None])
+    return mask if kv_real is None else mask & cols(kv_real[None])
 
 
 def _scores(st: _Static, qb, kb, mask, keys_first: bool = False) -> jax.Array:
@@ -163,10 +163,10 @@ def _tile_mask(st: _Static, tiles: Tiles, aux, qi, ki, keys_first: bool):
         return None
     q_pos, kv_pos, q_seg, kv_seg = aux
     bk = st.plan.block_kv
-    kv_index = ki[:, None] * bk + jnp.arange(bk)
+    kv_real = ki[:, None] * bk + jnp.arange(bk) < st.plan.kv_len  # padding pairs: none real
     return _mask(st, _gather(q_pos, qi, 1), _gather(kv_pos, ki, 1),
                  None if q_seg is None else _gather(q_seg, qi, 1),
-                 None if kv_seg is None else _gather(kv_seg, ki, 1), kv_index, keys_first)
+                 None if kv_seg is None else _gather(kv_seg, ki, 1), kv_real, keys_first)
 
 
 def _loop_forward(st: _Static, q, k, v, sinks, aux):
@@ -254,10 +254,11 @@ def _strip_blocks(st: _Static, step, q, k, v, aux, keys_first: bool):
     mask = None
     if step.masked:
         q_pos, kv_pos, q_seg, kv_seg = aux
-        kv_index = jnp.arange(first * bk, (first + span) * bk)[None]
+        kv_real = np.arange(first * bk, (first + span) * bk)[None] < st.plan.kv_len
         mask = _mask(st, jax.lax.slice_in_dim(q_pos, i, i + 1, axis=1), run(kv_pos, 1),
                      None if q_seg is None else jax.lax.slice_in_dim(q_seg, i, i + 1, axis=1),
-                     None if kv_seg is None else run(kv_seg, 1), kv_index, keys_first)
+                     None if kv_seg is None else run(kv_seg, 1),
+                     None if kv_real.all() else jnp.asarray(kv_real), keys_first)
     return qb, run(k, 2), run(v, 2), mask
 
 
