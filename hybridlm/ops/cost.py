@@ -41,10 +41,15 @@ def compiled_cost(fn, *args) -> dict[str, float]:
             "temp_bytes": float(compiled.memory_analysis().temp_size_in_bytes)}
 
 
+def count_instructions(hlo_text: str) -> int:
+    """Instructions in an HLO module's text, every computation's."""
+    return len(_INSTRUCTION.findall(hlo_text))
+
+
 def hlo_instructions(fn, *args) -> int:
-    """Instructions in fn's compiled program (XLA's optimised HLO, every computation):
-    the program's size, which is what compile time and compile memory follow."""
-    return len(_INSTRUCTION.findall(jax.jit(fn).lower(*args).compile().as_text()))
+    """Instructions in fn's compiled program (XLA's optimised HLO): the program's size,
+    which is what compile time and compile memory follow."""
+    return count_instructions(jax.jit(fn).lower(*args).compile().as_text())
 
 
 def attention_cost(impl: str, *, batch: int, length: int, heads: int, kv_heads: int,
