@@ -450,7 +450,8 @@ class Checkpointer:
                 if not self._failed:
                     raise
             finally:
-                self._quiet.__exit__()
+                if not self._failed:  # after a failure, Orbax's threads may still report it
+                    self._quiet.__exit__()
 
     # -- restoring ---------------------------------------------------------------------
     def restore(self, layout) -> tuple[dict, Any] | None:
