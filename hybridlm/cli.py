@@ -142,7 +142,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     import jax  # heavy imports after the arguments are checked
     from flax import nnx
 
-    from hybridlm.train.checkpoint import export_params, load_model
+    from hybridlm.runs import export_params, load_model
 
     cfg, model, step = load_model(Path(args.workdir), args.step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

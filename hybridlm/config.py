@@ -35,7 +35,6 @@ from hybridlm.model.pattern import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny.py"
-BYTE_VOCAB = 259  # 256 bytes + BOS/EOS, PAD, UNK: see hybridlm/data/tokenizers.py
 
 
 def defaults() -> mlc.ConfigDict:

@@ -9,7 +9,8 @@ from hybridlm import config as config_lib
 from hybridlm.config import ConfigError
 from hybridlm.data import corpus, synthetic
 from hybridlm.data.pipeline import make_train_iterator
-from hybridlm.data.sources import is_validation, name_hash, parse_sources
+from hybridlm.data.sources import parse_sources
+from hybridlm.data.split import is_validation, name_hash
 from hybridlm.eval.tasks import WORDS
 
 

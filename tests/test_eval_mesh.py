@@ -11,7 +11,7 @@ from hybridlm.config import ConfigError
 from hybridlm.data.tokenizers import ByteTokenizer
 from hybridlm.eval import analysis, commands, placement, tasks
 from hybridlm.model import Transformer
-from hybridlm.train.checkpoint import export_params, load_model
+from hybridlm.runs import export_params, load_model
 from tests.test_data_sources import make_corpus
 
 TOK = ByteTokenizer()

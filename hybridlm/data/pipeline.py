@@ -34,7 +34,7 @@ import numpy as np
 from hybridlm.data import packing
 from hybridlm.data.plan import PieceStream, RowPlanner
 from hybridlm.data.prepare import Prepared, resolve, resolve_tokenizer
-from hybridlm.data.sources import is_validation
+from hybridlm.data.split import is_validation
 from hybridlm.data.tokenizers import Tokenizer, static_vocab_size
 from hybridlm.errors import ConfigError
 

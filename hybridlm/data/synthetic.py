@@ -61,7 +61,7 @@ class CharCodec:
 def haystack_chars() -> np.ndarray:
     """Stdlib text that is never validation (name hash in the upper half), as code points."""
     from hybridlm.data import corpus
-    from hybridlm.data.sources import name_hash
+    from hybridlm.data.split import name_hash
 
     root = corpus.stdlib_dir().parent
     texts = []

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hybridlm.config import BYTE_VOCAB
 from hybridlm.errors import ConfigError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
@@ -33,6 +32,9 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def describe(self) -> dict[str, Any]: ...
+
+
+BYTE_VOCAB = 259  # 256 bytes + BOS/EOS, PAD, UNK
 
 
 class ByteTokenizer:

@@ -84,7 +84,8 @@ def _load_run(workdir: str, step: int | None, overrides: list[str]):
     path = Path(workdir)
     if not path.exists():
         raise UserError(f"--workdir {path} does not exist; pass a training run's workdir")
-    from hybridlm.train.checkpoint import CheckpointError, load_model
+    from hybridlm.errors import CheckpointError
+    from hybridlm.runs import load_model
 
     meshes = []
 

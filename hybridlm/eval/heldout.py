@@ -11,7 +11,7 @@ import numpy as np
 
 from hybridlm.data.packing import PieceSource
 from hybridlm.data.prepare import resolve
-from hybridlm.data.sources import is_validation
+from hybridlm.data.split import is_validation
 from hybridlm.errors import ConfigError
 
 

@@ -168,3 +168,10 @@ class Transformer(nnx.Module):
             return self.logits(self.features(tokens, positions, segment_ids))
         h, cache = self.features(tokens, positions, segment_ids, cache)
         return self.logits(h), cache
+
+
+def abstract_model(model_cfg: Mapping[str, Any], seed: int = 0
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph definition, abstract parameters with their metadata); allocates nothing."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
+    return nnx.split(model, nnx.Param)

@@ -24,7 +24,7 @@ import optax
 from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
 from hybridlm.errors import RunStopped
-from hybridlm.model import flops_per_token
+from hybridlm.model import abstract_model, flops_per_token
 from hybridlm.parallel import (
     activation_sharding,
     batch_sharding,
@@ -42,7 +42,6 @@ from hybridlm.train.optim import decay_mask, make_optimizer, schedule
 from hybridlm.train.preemption import Preemption
 from hybridlm.train.state import (
     StateLayout,
-    abstract_model,
     count_params,
     init_state,
     make_layout,
