@@ -19,7 +19,7 @@ LAYERS = {
     "model": 4,
     "ops": 5,
 }
-LEAVES = {"config": {"errors", "data", "model", "ops", "parallel"},  # reads choice lists
+LEAVES = {"config": {"errors", "data", "model", "ops", "parallel", "train"},  # choice lists
           "errors": set(), "hugepages": set(), "platforms": set(), "__init__": set()}
 
 

@@ -10,7 +10,6 @@ whose `fingerprint` says whether two tokenizers produce the same ids.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -201,10 +200,6 @@ def tokenizer_from_record(record: dict[str, Any], directory: Path) -> Tokenizer:
     tok = load_file_tokenizer(record["spec"], directory / name)
     tok.eos_id = int(record["eos_id"])
     return tok
-
-
-def dumps_record(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True)
 
 
 def get_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:

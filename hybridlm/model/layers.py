@@ -62,6 +62,10 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+NORMS = ("rms", "layernorm")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}  # the gate of the MLP (SwiGLU, GeGLU)
+
+
 class Norm(nnx.Module):
     """RMSNorm, or Cohere's LayerNorm (mean-centred, scale only, no bias)."""
 
@@ -91,6 +95,5 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = dense(x, self.wi[...])
-        act = jax.nn.silu if self.activation == "silu" else jax.nn.gelu
-        h = act(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        h = ACTIVATIONS[self.activation](gate_up[..., 0, :]) * gate_up[..., 1, :]
         return dense(h, self.wo[...])

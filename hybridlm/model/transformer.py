@@ -30,6 +30,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BLOCKS = ("sequential", "parallel")  # x+attn then x+mlp | both from one norm (Cohere)
 
 
 class Block(nnx.Module):
