@@ -25,9 +25,11 @@ glibc's default malloc (as the peers run) and, when this run has huge pages
 (hybridlm/hugepages.py), again with them (full causal attention at 8192 too, as MaxText ran
 it), so the comparison does not depend on how fast the machine happens to be today.
 `--peer maxtext` runs MaxText itself instead (bench/peer_maxtext.py, under MaxText's own
-Python from --maxtext-python or $HYBRIDLM_MAXTEXT_PYTHON; bench/maxtext_setup.sh builds it):
-its pre-training loop on this CPU at the same shape, on documents of the same corpus, dense
-attention, default malloc; the median of its steps >= 2 of --maxtext-steps.
+Python from --maxtext-python, $HYBRIDLM_MAXTEXT_PYTHON or ~/maxtext-venv, which
+bench/maxtext_setup.sh builds): its pre-training loop on this CPU with the case's config
+translated (same shape, batch and AdamW; dense attention on every layer), on documents of
+the same corpus, default malloc; the median of its steps >= 2 of --maxtext-steps. Where
+MaxText is not installed it says so in one line and times the nnx stand-in instead.
 Without --peer the "vs peer" column compares with tokens/s recorded on another day
 (STACK_NOTES.md, peer "recorded"). Every ratio names its peer.
 Host overhead per step: the time the loop's Python side spends per step (fetching and
@@ -59,6 +61,7 @@ if __name__ == "__main__":  # as `hybridlm` runs: huge pages (HYBRIDLM_HUGE_PAGE
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from machine import cpu_name, git_commit  # noqa: E402  (bench/machine.py)
+from peer_maxtext import maxtext_settings  # noqa: E402  (bench/peer_maxtext.py)
 
 from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.data.pipeline import make_train_iterator  # noqa: E402
@@ -152,15 +155,17 @@ def run_case(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
         "loop_minus_device_pct": 100 * (step_s - device_s) / step_s,
         "loss": float(metrics["loss"]), "peer": PEER_NAMES[None] if peer else None,
         "peer_tokens_per_s": peer, "speedup_vs_peer": tokens_per_s / peer if peer else None,
+        "peer_step_s": rows * seq_len / peer if peer else None,
         "recorded_peer_tokens_per_s": peer,
         "target_speedup": TARGET_SPEEDUP.get(name), "all_step_s": loop, "all_device_s": device,
     }
 
 
-def set_peer(result: dict, peer: str, tokens_per_s: float) -> None:
+def set_peer(result: dict, peer: str, measured: dict) -> None:
     """The peer measured in this run replaces the recorded one in the "vs peer" ratio."""
-    result.update(peer=PEER_NAMES[peer], peer_tokens_per_s=tokens_per_s,
-                  speedup_vs_peer=result["tokens_per_s"] / tokens_per_s)
+    result.update(peer=PEER_NAMES[peer], peer_tokens_per_s=measured["tokens_per_s"],
+                  peer_step_s=measured["step_s"],
+                  speedup_vs_peer=result["tokens_per_s"] / measured["tokens_per_s"])
 
 
 PEER_TIMING = """
@@ -181,10 +186,11 @@ print(json.dumps(times))
 """
 
 
-def run_peer(name: str, repeats: int, huge_pages: bool) -> dict:
+def run_peer(name: str, overrides: list[str], repeats: int, huge_pages: bool) -> dict:
     """Time bench/peer_nnx.py in a fresh process, with glibc's default malloc (as the peers
     run) or with huge pages (as `hybridlm` runs, hybridlm/hugepages.py)."""
-    _, seq_len, batch = CASES[name]
+    cfg = case_config(name, overrides)  # its sequence length and batch (the model is fixed)
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if huge_pages:
         env["GLIBC_TUNABLES"] = f"{hugepages.TUNABLE}=1"
@@ -197,18 +203,40 @@ def run_peer(name: str, repeats: int, huge_pages: bool) -> dict:
             "all_step_s": times, "huge_pages": huge_pages}
 
 
-def check_maxtext(python: str) -> None:
-    """Exit 2 with one line, before anything compiles, unless `python` can import maxtext."""
-    where = python or "no --maxtext-python or $HYBRIDLM_MAXTEXT_PYTHON given"
+def has_maxtext(python: str) -> bool:
+    """Whether `python` runs and can import maxtext."""
     try:
-        ok = python and subprocess.run(
+        return subprocess.run(
             [python, "-c", "import importlib.util as u, sys; "
              "sys.exit(u.find_spec('maxtext') is None)"], capture_output=True).returncode == 0
     except OSError:
-        ok = False
-    if not ok:
-        print(f"--peer maxtext: no MaxText Python ({where}); {MAXTEXT_SETUP}", file=sys.stderr)
-        sys.exit(2)
+        return False
+
+
+def find_maxtext(given: str) -> str | None:
+    """MaxText's Python: `given` (--maxtext-python or $HYBRIDLM_MAXTEXT_PYTHON; exit 2 with
+    one line if it cannot import maxtext), else bench/maxtext_setup.sh's default venv, else
+    None (not installed: the caller says so and runs the stand-in)."""
+    if given:
+        if not has_maxtext(given):
+            print(f"--maxtext-python / HYBRIDLM_MAXTEXT_PYTHON: {given} cannot import maxtext; "
+                  f"{MAXTEXT_SETUP}", file=sys.stderr)
+            sys.exit(2)
+        return given
+    default = Path.home() / "maxtext-venv" / "bin" / "python"
+    return str(default) if default.is_file() and has_maxtext(str(default)) else None
+
+
+def check_maxtext_settings(cases: list[str], overrides: list[str]) -> None:
+    """Exit 2 with one line, before anything compiles, if a case's config has a field MaxText's
+    llama2 block cannot express (bench/peer_maxtext.py)."""
+    for name in cases:
+        if name in PEER_TOKENS_PER_S:
+            try:
+                maxtext_settings(case_config(name, overrides).to_dict())
+            except ValueError as e:
+                print(f"--peer maxtext, case {name}: {e}", file=sys.stderr)
+                sys.exit(2)
 
 
 def export_documents(cfg, path: Path, tokens: int) -> None:
@@ -241,15 +269,16 @@ def run_maxtext(name: str, overrides: list[str], python: str, steps: int) -> dic
     """MaxText's own training loop at this case's shape (bench/peer_maxtext.py, run by
     MaxText's Python with glibc's default malloc, as MaxText runs); {"error": ...} if it
     fails, so the cases already measured are still written."""
-    _, seq_len, batch = CASES[name]
+    cfg = case_config(name, overrides)
     work = Path(tempfile.mkdtemp(prefix=f"hybridlm-maxtext-{name}-"))
-    export_documents(case_config(name, overrides), work / "documents.npz",
-                     2 * (steps + 2) * batch * seq_len)
+    (work / "config.json").write_text(json.dumps(cfg.to_dict()))
+    export_documents(cfg, work / "documents.npz",
+                     2 * (steps + 2) * cfg.train.batch_size * cfg.data.seq_len)
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PYTHONPATH")}
     proc = subprocess.run(
-        [python, str(ROOT / "bench" / "peer_maxtext.py"), "--documents",
-         str(work / "documents.npz"), "--seq-len", str(seq_len), "--batch", str(batch),
-         "--steps", str(steps), "--workdir", str(work)],
+        [python, str(ROOT / "bench" / "peer_maxtext.py"), "--config", str(work / "config.json"),
+         "--documents", str(work / "documents.npz"), "--steps", str(steps),
+         "--workdir", str(work)],
         env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
@@ -278,7 +307,13 @@ def main() -> None:
     if args.peer == "maxtext":
         if args.maxtext_steps < 3:
             parser.error("--maxtext-steps must be at least 3: steps 0 and 1 are not timed")
-        check_maxtext(args.maxtext_python)
+        args.maxtext_python = find_maxtext(args.maxtext_python)
+        if args.maxtext_python is None:
+            print(f"--peer maxtext: MaxText is not installed, so the peer is the nnx stand-in "
+                  f"(bench/peer_nnx.py); to run MaxText, {MAXTEXT_SETUP}", flush=True)
+            args.peer = "nnx"
+        else:
+            check_maxtext_settings(args.cases, args.override)
 
     huge_pages = hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
     load_before = os.getloadavg()
@@ -289,19 +324,20 @@ def main() -> None:
         result = run_case(name, args.override, args.steps, args.repeats)
         if args.peer == "nnx" and name in PEER_TOKENS_PER_S:
             print(f"running the plain Flax NNX model at the {name} shape ...", flush=True)
-            result["plain_nnx"] = run_peer(name, args.repeats, huge_pages=False)
+            result["plain_nnx"] = run_peer(name, args.override, args.repeats, huge_pages=False)
             result["speedup_vs_plain_nnx"] = (result["tokens_per_s"]
                                               / result["plain_nnx"]["tokens_per_s"])
-            set_peer(result, "nnx", result["plain_nnx"]["tokens_per_s"])
+            set_peer(result, "nnx", result["plain_nnx"])
             if huge_pages:
-                result["plain_nnx_huge_pages"] = run_peer(name, args.repeats, huge_pages=True)
+                result["plain_nnx_huge_pages"] = run_peer(
+                    name, args.override, args.repeats, huge_pages=True)
         if args.peer == "maxtext" and name in PEER_TOKENS_PER_S:
             print(f"running MaxText at the {name} shape ({args.maxtext_steps} steps) ...",
                   flush=True)
             result["maxtext"] = run_maxtext(name, args.override, args.maxtext_python,
                                             args.maxtext_steps)
             if "error" not in result["maxtext"]:
-                set_peer(result, "maxtext", result["maxtext"]["tokens_per_s"])
+                set_peer(result, "maxtext", result["maxtext"])
         results.append(result)
     run = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
@@ -324,8 +360,7 @@ def main() -> None:
     print(header + "\n" + "-" * len(header))
     for r in results:
         vs = f"{r['speedup_vs_peer']:.2f}x" if r["speedup_vs_peer"] else "-"
-        peer_s = (f"{r['batch'] * r['seq_len'] / r['peer_tokens_per_s']:7.2f}"
-                  if r["peer_tokens_per_s"] else f"{'-':>7s}")
+        peer_s = f"{r['peer_step_s']:7.2f}" if r["peer_step_s"] else f"{'-':>7s}"
         print(f"{r['case']:14s} {r['seq_len']:5d} {r['batch']:2d} {r['step_s']:7.3f} "
               f"{r['tokens_per_s']:9.0f} {r['model_gflop_per_s']:8.1f} "
               f"{r['fraction_of_matmul']:7.2f} "
@@ -349,7 +384,7 @@ def main() -> None:
             print(f"{r['case']}: MaxText failed: {peer['error']}" if "error" in peer else
                   f"{r['case']}: MaxText {peer['maxtext']} {peer['step_s']:.3f} s/step (median "
                   f"of steps >= 2), {peer['tokens_per_s']:.0f} tokens/s on this machine now; "
-                  f"hybridlm is {r['speedup_vs_peer']:.2f}x faster")
+                  f"hybridlm's tokens/s are {r['speedup_vs_peer']:.2f}x MaxText's")
     print(f"wrote {path}")
 
 
