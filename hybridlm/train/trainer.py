@@ -27,6 +27,7 @@ from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, re
 from hybridlm.parallel.context import check_length, context_parallel, reorder_batch
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train import checkpoint as checkpoint_lib
+from hybridlm.train import summary as run_summary
 from hybridlm.train.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb
 from hybridlm.train.optim import decay_mask, make_optimizer, schedule
 from hybridlm.train.preemption import Preemption
@@ -277,4 +278,6 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
         preemption.uninstall()
         writer.close()
         checkpoints.close()
+    if is_main:  # what the run made and what to run next (train/summary.py)
+        run_summary.print_if_finished(workdir, t.steps)
     return history
