@@ -149,3 +149,23 @@ def test_cli_eval_reports_its_mesh_and_refuses_model_overrides(export, tmp_path,
     assert cli.main(["export", "--workdir", str(export), "--out", str(tmp_path / "x"),
                      "--config.mesh.fsdp=2"]) == 2
     assert "not accepted by export" in capsys.readouterr().err
+
+
+def test_processes_agree_on_the_command_and_the_checkpoint(export):
+    """What the eval preflight compares across processes: the flags but the process id, the
+    overrides, and the checkpoint each process found (another step: another fingerprint)."""
+    from hybridlm.eval import cli as eval_cli
+    from hybridlm.train.checkpoint import Source, find_sources
+
+    def fingerprint(*flags, overrides=(), source=None):
+        args = cli._parser().parse_args(["eval", "--workdir", str(export), *flags])
+        return eval_cli._invocation(args, list(overrides), source or find_sources(export)[0])
+
+    job = ["--coordinator", "h:1", "--num_processes", "2", "--process_id"]
+    assert fingerprint(*job, "0") == fingerprint(*job, "1")
+    newest = find_sources(export)[0]
+    later = Source(newest.kind, newest.directory, newest.step + 1)
+    for other in (fingerprint(*job, "0", "--lengths", "256"),
+                  fingerprint(*job, "0", overrides=["mesh.fsdp=2"]),
+                  fingerprint(*job, "0", source=later)):
+        assert other != fingerprint(*job, "0")

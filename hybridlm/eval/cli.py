@@ -106,7 +106,8 @@ def _load_run(args: argparse.Namespace, overrides: list[str]):
     if not path.exists():
         raise UserError(f"--workdir {path} does not exist; pass a training run's workdir")
     newest = find_sources(path, args.step)[0]
-    joined = distributed.start(args, _invocation(args, overrides, newest))
+    joined = distributed.start(args, _invocation(args, overrides, newest),
+                               what="command or checkpoint")
     meshes = []
 
     def mesh_for(cfg):
