@@ -141,6 +141,18 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
+def _done() -> int:
+    """Every process leaves together, once process 0 has written and printed: a process that
+    exits early waits in JAX's shutdown barrier, which gives up after 5 minutes."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("hybridlm: results written")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm.eval import commands
     from hybridlm.eval.placement import on_mesh
@@ -156,7 +168,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                                     progress=not args.quiet and _is_main())
     if _is_main():
         print(eval_summary(results, out, args.workdir, step), flush=True)
-    return 0
+    return _done()
 
 
 def eval_summary(results: dict[str, dict], out: Path, workdir: str, step: int) -> str:
@@ -192,7 +204,7 @@ def cmd_analyze(args: argparse.Namespace, overrides: list[str]) -> int:
         print(commands.analysis_markdown(result))
         print(f"wrote {out / 'analysis.json'}, {out / 'analysis.md'} and "
               f"{out / 'analysis.png'}")
-    return 0
+    return _done()
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -204,13 +216,13 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
         r = commands.generate_text(cfg, model, args.prompt, max_new=args.max_new,
                                    temperature=args.temperature, top_k=args.top_k,
                                    seed=args.seed)
-    if not _is_main():
-        return 0
-    print(r["prompt"] + r["text"])
-    for label, c in ((f"{r['max_len']} tokens", r["cache"]), ("128k tokens", r["cache_128k"])):
-        print(f"KV cache at {label}: {c['hybrid_bytes'] / 2**20:.2f} MiB, full attention "
-              f"{c['full_bytes'] / 2**20:.2f} MiB ({c['fraction']:.1%} of it)")
-    return 0
+    if _is_main():
+        print(r["prompt"] + r["text"])
+        for label, c in ((f"{r['max_len']} tokens", r["cache"]),
+                         ("128k tokens", r["cache_128k"])):
+            print(f"KV cache at {label}: {c['hybrid_bytes'] / 2**20:.2f} MiB, full attention "
+                  f"{c['full_bytes'] / 2**20:.2f} MiB ({c['fraction']:.1%} of it)")
+    return _done()
 
 
 COMMANDS = {"eval": cmd_eval, "analyze": cmd_analyze, "generate": cmd_generate}
