@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import time
 from pathlib import Path
@@ -125,8 +126,9 @@ def format_status(spec: str, root: Path, points: dict[str, dict[str, Any]]) -> s
 
     table = [("point", "state", "step", "loss", "val_loss", "eta")]
     for name, r in points.items():
-        state = (f"failed (status {r['returncode']})" if r["state"] == "failed"
-                 and r["returncode"] else r["state"])
+        state, code = r["state"], r["returncode"]
+        if state == "failed" and code:  # a negative status: killed by that signal
+            state += f" ({signal.Signals(-code).name})" if code < 0 else f" (status {code})"
         table.append((name, state, f"{r['step']}/{r['steps']}", _fmt(r["loss"]),
                       _fmt(r["val_loss"]), eta(r)))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
