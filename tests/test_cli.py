@@ -71,9 +71,5 @@ def test_train_writes_the_workdir_and_the_loss_falls(tmp_path):
     assert [c[:2] for c in commands] == [["hybridlm", "eval"], ["hybridlm", "generate"],
                                          ["hybridlm", "export"]]
     assert all(c[c.index("--workdir") + 1] == str(workdir) for c in commands)
-    for c in commands:
-        cli._parser().parse_args(c[1:])  # real commands with real flags (exits 2 otherwise)
-    # the printed eval command runs (narrowed to one cheap task with flags appended)
-    assert cli.main([*commands[0][1:], "--task", "ppl", "--lengths", "128", "--samples", "1",
-                     "--quiet", "--out", str(tmp_path / "eval")]) == 0
-    assert json.loads((tmp_path / "eval" / "ppl.json").read_text())["step"] == 40
+    for c in commands:  # real commands with real flags (argparse exits 2 otherwise); the
+        cli._parser().parse_args(c[1:])  # eval CLI itself runs in tests/test_eval_mesh.py
