@@ -97,7 +97,7 @@ def _load_run(args: argparse.Namespace, overrides: list[str]):
 
     Mistakes are reported before the processes join; the processes then check that they
     run the same command on the same checkpoint (distributed.preflight) before any restore."""
-    from hybridlm.cli import UserError
+    from hybridlm.errors import UserError
     from hybridlm.eval import placement
     from hybridlm.train.checkpoint import CheckpointError, find_sources, load_model
 

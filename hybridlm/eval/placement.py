@@ -21,7 +21,7 @@ import ml_collections as mlc
 from jax.sharding import Mesh
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.parallel import activation_sharding, make_mesh
 
 MESH_OVERRIDES = ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.context")
