@@ -155,7 +155,7 @@ def test_processes_agree_on_the_command_and_the_checkpoint(export):
     """What the eval preflight compares across processes: the flags but the process id, the
     overrides, and the checkpoint each process found (another step: another fingerprint)."""
     from hybridlm.eval import cli as eval_cli
-    from hybridlm.train.checkpoint import Source, find_sources
+    from hybridlm.runs import Source, find_sources
 
     def fingerprint(*flags, overrides=(), source=None):
         args = cli._parser().parse_args(["eval", "--workdir", str(export), *flags])
