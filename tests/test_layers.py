@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hybridlm"
 # the layer of each top-level part of hybridlm; a part may import its own layer or below
 LAYERS = {
     "__main__": 0, "cli": 0,
-    "eval": 1, "interop": 1, "sweep": 1,
+    "eval": 1, "interop": 1, "sweep": 1, "sweep_status": 1,
     "train": 2,
     "runs": 3, "data": 3, "parallel": 3, "infer": 3,
     "model": 4,
