@@ -286,6 +286,10 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
         status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only)
         if status != 0:
             return status
+        if args.only is None:  # the table of every point, and what to run next
+            from hybridlm.sweep_status import finished_summary
+
+            print(finished_summary(args.sweep, root, extra), flush=True)
     if args.summarize:
         print(f"wrote {sweep.summarize(args.sweep, root)} (and .csv, .png)")
     if args.report:

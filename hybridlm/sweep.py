@@ -145,10 +145,6 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
         if returncode != 0:
             return returncode
     print(f"sweep: all {len(points)} points finished under {root}", flush=True)
-    if only is None:
-        from hybridlm.sweep_status import finished_summary
-
-        print(finished_summary(spec, root, extra), flush=True)
     return 0
 
 
