@@ -286,7 +286,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
         status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only)
         if status != 0:
             return status
-        if args.only is None:  # the table of every point, and what to run next
+        if args.launcher == "local" and args.only is None:  # every point's row, what next
             from hybridlm.sweep_status import finished_summary
 
             print(finished_summary(args.sweep, root, extra), flush=True)
