@@ -6,6 +6,7 @@ does not remove it); only the `if __name__ == "__main__":` guard of a module is 
 """
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybridlm"
@@ -57,6 +58,7 @@ def imported(tree: ast.AST, modules: set[str]) -> set[str]:
     return {m for m in out if m == "hybridlm" or m.startswith("hybridlm.")}
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {m: imported(ast.parse(p.read_text()), set(paths)) - {m} for m, p in paths.items()}
