@@ -12,6 +12,8 @@ from flax import nnx
 
 from hybridlm import config as config_lib
 from hybridlm.model import Transformer
+from hybridlm.model.attention import config_tiles
+from hybridlm.ops import kernel_tiles
 from hybridlm.ops.cost import attention_cost, attention_matmul_flops, visible_pairs
 from hybridlm.train.state import COUNTERS
 from hybridlm.train.step import make_train_step
@@ -66,7 +68,8 @@ def train_step_cost(model_cfg, length):
     batch = {key: jax.ShapeDtypeStruct((1, length), jnp.dtype(dtype))
              for key, dtype in BATCH_KEYS.items()}
     step = make_train_step(graphdef, tx, optax.constant_schedule(1e-3))
-    compiled = jax.jit(step).lower(state, batch).compile()
+    with kernel_tiles(*config_tiles(cfg)):  # as the trainer traces it
+        compiled = jax.jit(step).lower(state, batch).compile()
     return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
 
 

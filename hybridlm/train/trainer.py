@@ -9,6 +9,7 @@ step would stall the asynchronous dispatch). Checkpointing plugs in through the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ import optax
 from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
 from hybridlm.model import flops_per_token
+from hybridlm.model.attention import config_tiles
+from hybridlm.ops import kernel_tiles
 from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, replicated
 from hybridlm.parallel.context import check_length, context_parallel, reorder_batch
 from hybridlm.parallel.mesh import check_batch, make_mesh
@@ -116,6 +119,15 @@ def loss_chunk(cfg: mlc.ConfigDict, mesh, microbatches: int) -> int:
                            mesh.devices.flat[0].platform)
 
 
+@contextlib.contextmanager
+def tracing(cfg: mlc.ConfigDict, mesh) -> Iterator[None]:
+    """Trace the model as this run runs it: on `mesh` (sharding, context parallelism) with
+    the config's attention tiles."""
+    with (activation_sharding(mesh), context_parallel(mesh, cfg.mesh),
+          kernel_tiles(*config_tiles(cfg.model))):
+        yield
+
+
 def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                        tx: optax.GradientTransformation) -> Callable:
     """The train step compiled ahead of time for the global batch, state donated, input and
@@ -128,7 +140,7 @@ def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
     step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
                               z_loss=t.z_loss, loss_chunk=loss_chunk(cfg, mesh, t.grad_accum_steps),
                               unroll=not cfg.model.scan_layers)
-    with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+    with tracing(cfg, mesh):
         return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
                        out_shardings=(layout.shardings, replicated(mesh)),
                        donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
@@ -221,7 +233,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     def run_eval(params) -> float | None:
         batches = (reorder_batch(b, mesh, cfg.mesh) for b in
                    data_pipeline.make_eval_iterator(cfg, process_index, process_count))
-        with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+        with tracing(cfg, mesh):
             return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
 
     # ---- loop ----------------------------------------------------------------------
