@@ -13,8 +13,11 @@
 `train` takes the multi-host flags (`--coordinator HOST:PORT --num_processes N
 --process_id I`, see hybridlm/parallel/distributed.py and docs/launching.md).
 
-A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
-never a traceback.
+Every error a user can meet is a class of hybridlm/errors.py, and `main` is the one place
+that turns them into one paragraph on stderr and an exit status, never a traceback: 2 for a
+mistake (bad config, missing file, busy workdir), 1 for a run that stopped (NaN streak, a
+failed save, processes that cannot connect), 128 + the signal for Ctrl-C / SIGTERM before
+training began.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ import argparse
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # `python -m hybridlm.cli`: huge pages first, before jax loads
-    from hybridlm import hugepages
+if __name__ == "__main__":  # `python -m hybridlm.cli`: the same as `python -m hybridlm`,
+    from hybridlm.__main__ import main as _main  # so this file never runs as __main__
 
-    hugepages.reexec(["-m", "hybridlm.cli", *sys.argv[1:]])
+    _main()
 
 from hybridlm import config as config_lib  # noqa: E402
-from hybridlm.eval import cli as eval_cli
-from hybridlm.parallel import distributed
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed without a traceback."""
+from hybridlm.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    RunStopped,
+    UserError,
+)
+from hybridlm.eval import cli as eval_cli  # noqa: E402
+from hybridlm.parallel import distributed  # noqa: E402
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -68,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", default=None,
                        help="where the run writes config.json, metrics.jsonl, tb/ "
                        "(default runs/<config name>)")
+    train.add_argument("--restart", action="store_true",
+                       help="the workdir holds a run this one would not resume: move that run "
+                       "aside to WORKDIR.old-<time>/ (nothing is deleted) and start afresh")
     distributed.add_cli_flags(train)
     prepare = sub.add_parser(
         "prepare", help="tokenise data.source into ArrayRecord shards plus a manifest",
@@ -126,19 +135,16 @@ def _add_export_parser(sub) -> None:
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
     if args.format == "hf":
         return export_hf(args)
     import jax  # heavy imports after the arguments are checked
     from flax import nnx
 
-    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
+    from hybridlm.train.checkpoint import export_params, load_model
 
-    try:
-        cfg, model, step = load_model(Path(args.workdir), args.step)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    cfg, model, step = load_model(Path(args.workdir), args.step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     export_params(cfg, params, out, step)
     count = sum(x.size for x in jax.tree.leaves(params))
@@ -149,12 +155,8 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 # ---- Hugging Face: export --format hf, import (docs/interop.md) ----------------------------
 def export_hf(args: argparse.Namespace) -> int:
     from hybridlm.interop import hf
-    from hybridlm.train.checkpoint import CheckpointError
 
-    try:
-        arch = hf.export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    arch = hf.export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
     print(f"exported {args.workdir} as {hf.hf_config.ARCHS[arch][0]} to {args.out}")
     return 0
 
@@ -210,8 +212,9 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
             print(prepare.summary(p))
         return 0
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "empty" if out.is_dir() else "a directory"
+        raise UserError(f"--out {out} exists and is not {what}; remove it or choose another")
     p = prepare.prepare_to(cfg.data, out, progress=progress)
     print(prepare.summary(p))
     print(f"train on it with --config.data.source={out}")
@@ -222,18 +225,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
     joined = distributed.start(args, config_lib.to_json(cfg))  # before touching a device
-    from hybridlm.train.checkpoint import CheckpointError  # heavy imports after validation
-    from hybridlm.train.trainer import NonFiniteLoss, train
+    from hybridlm.train.trainer import train  # heavy imports after validation
 
     if joined.process_id == 0:
         print(f"training {args.config} in {workdir}", flush=True)
-    try:
-        train(cfg, workdir)
-    except NonFiniteLoss as e:
-        print(f"hybridlm: training stopped: {e}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:  # e.g. a config that changes shapes against the checkpoints
-        raise UserError(str(e)) from None
+    train(cfg, workdir, restart=args.restart)
     return 0
 
 
@@ -329,13 +325,18 @@ def main(argv: list[str] | None = None) -> int:
                     "import": cmd_import, "sweep": cmd_sweep, "compile": cmd_compile,
                     **eval_cli.COMMANDS}
         return commands[args.command](args, overrides)
-    except (UserError, config_lib.ConfigError) as e:
+    except (UserError, ConfigError, CheckpointError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"hybridlm: training stopped: {e}", file=sys.stderr)
+        return 1
     except distributed.DistributedError as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    except Interrupted as e:
+        print(f"hybridlm: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("hybridlm: interrupted (SIGINT)", file=sys.stderr)
+        return 130

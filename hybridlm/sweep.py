@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 
 
 def load_sweep(spec: str) -> list[dict[str, Any]]:

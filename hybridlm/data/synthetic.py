@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")

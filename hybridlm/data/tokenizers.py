@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hybridlm.config import BYTE_VOCAB, ConfigError
+from hybridlm.config import BYTE_VOCAB
+from hybridlm.errors import ConfigError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # ids 0 and 1 of a BPE trained here

@@ -79,7 +79,7 @@ def _load_run(workdir: str, step: int | None, overrides: list[str]):
     from hybridlm.eval import placement
 
     placement.check_overrides(overrides)
-    from hybridlm.cli import UserError
+    from hybridlm.errors import UserError
 
     path = Path(workdir)
     if not path.exists():

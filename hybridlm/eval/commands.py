@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.eval import analysis, heldout, perplexity, plots, retrieval, tasks
 from hybridlm.eval.analysis_math import SEGMENTS
 from hybridlm.infer import Generator, cache_bytes

@@ -22,7 +22,7 @@ import ml_collections as mlc
 from jax.sharding import Mesh
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.model.attention import config_tiles
 from hybridlm.ops import kernel_tiles
 from hybridlm.parallel import activation_sharding, make_mesh

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.interop import hf_config, tokenizer_files
 from hybridlm.model.pattern import layer_layout
 
@@ -185,7 +185,10 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--from {src}: no config.json there; give a directory written by "
                           "save_pretrained or `hybridlm export --format hf`")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"--from {src}: config.json is not valid JSON ({e})") from None
     try:
         from transformers import AutoConfig
     except ImportError:

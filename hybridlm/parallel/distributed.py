@@ -27,14 +27,16 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import numpy as np
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError, UserError
 
 DEFAULT_PORT = 12_357
+T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
@@ -215,3 +217,39 @@ def preflight(resolved_config_json: str) -> None:
             raise DistributedError(f"processes {differ} run a different {what} than process "
                                    f"{jax.process_index()}; start every process from the same "
                                    "install with the same config and overrides")
+
+
+# ---- agreeing on a decision (every process must take the same path to the next collective) --
+def all_processes(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each contributes its own outcome)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def on_process_0(check: Callable[[], T]) -> T | None:
+    """`check()` on process 0 alone (its result there, None elsewhere). If it raises, every
+    process raises, the others a UserError pointing at process 0's output, so that none is
+    left waiting for process 0 in a collective."""
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = check()
+        except Exception as e:  # noqa: BLE001  (re-raised below, after the others know)
+            error = e
+    if not all_processes(jax.process_index() != 0 or error is None):
+        if error is None:
+            raise UserError("process 0 stopped this run before it began; its output says why")
+    if error is not None:
+        raise error
+    return result

@@ -24,7 +24,7 @@ import jax
 import ml_collections as mlc
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.model import flops_per_token
 from hybridlm.model.flops import layers, param_count
 from hybridlm.model.pattern import layer_layout
