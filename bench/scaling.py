@@ -5,7 +5,8 @@ FLOPs per step, against the analytic count. Writes JSON and the table in docs/sc
     python bench/scaling.py --points rope:131072:v5p:4x4x8    # one point, printed only
     python bench/scaling.py --points rnope_swa:262144:v5p:4x4x8+context=4 --doc ''
 
-Every point is `hybridlm compile` of `configs/paper.py:variant=V,size=8b,seq_len=T` with
+Every point is `hybridlm compile` of `configs/paper.py:variant=V,size=8b,seq_len=T` (`--size`
+for another) with
 bfloat16 activations, full rematerialisation, AdamW, fully sharded data parallelism over
 the whole slice (mesh.data=1, mesh.fsdp=-1) and one sequence per device; a point ending
 in `+context=N` splits each sequence over N devices (mesh.context=N, one sequence per N
@@ -34,7 +35,7 @@ GIB = 2**30
 
 
 def compile_point(variant: str, seq_len: int, topology: str, remat: str, mfu: float,
-                  context: int = 1) -> dict:
+                  context: int = 1, size: str = "8b") -> dict:
     """One compile in this process; returns the report as a dict."""
     import jax
 
@@ -44,14 +45,14 @@ def compile_point(variant: str, seq_len: int, topology: str, remat: str, mfu: fl
 
     topo = aot.parse_topology(topology)
     devices = aot.tpu_devices(topo)
-    cfg = config_lib.load(f"configs/paper.py:variant={variant},size=8b,seq_len={seq_len}", [
+    cfg = config_lib.load(f"configs/paper.py:variant={variant},size={size},seq_len={seq_len}", [
         "model.dtype=bfloat16", f"model.remat={remat}", "mesh.data=1", "mesh.fsdp=-1",
         f"mesh.context={context}", f"train.batch_size={len(devices) // context}",
         "model.attention_block_q=512", "model.attention_block_kv=512"])
     start = time.perf_counter()
     report = aot.compile_for(cfg, topo, mfu=mfu, devices=devices)
     out = report.as_dict(topo.peak_flops_per_chip)
-    out.update(variant=variant, compile_s=time.perf_counter() - start)
+    out.update(variant=variant, size=size, compile_s=time.perf_counter() - start)
     return out
 
 
@@ -62,9 +63,10 @@ def parse_point(point: str) -> tuple[str, int, str, int]:
     return variant, int(seq_len), topology, int(option or 1)
 
 
-def run_point(point: str, remat: str, mfu: float) -> dict:
+def run_point(point: str, remat: str, mfu: float, size: str = "8b") -> dict:
     variant, seq_len, topology, _ = parse_point(point)
-    cmd = [sys.executable, __file__, "--_one", point, "--remat", remat, "--mfu", str(mfu)]
+    cmd = [sys.executable, __file__, "--_one", point, "--remat", remat, "--mfu", str(mfu),
+           "--size", size]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
@@ -107,7 +109,7 @@ def attention_flops(r: dict) -> float:
     from hybridlm import config as config_lib
     from hybridlm.model.flops import attention_flops_per_token
 
-    cfg = config_lib.load(f"configs/paper.py:variant={r['variant']},size=8b,"
+    cfg = config_lib.load(f"configs/paper.py:variant={r['variant']},size={r.get('size', '8b')},"
                           f"seq_len={r['seq_len']}")
     return attention_flops_per_token(config_lib.model_dict(cfg), r["seq_len"]) * \
         r["tokens_per_step"]
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--points", default=",".join(DEFAULT_POINTS),
                         help="comma-separated variant:seq_len:topology")
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--size", default="8b", help="configs/paper.py size (default: 8b)")
     parser.add_argument("--mfu", type=float, default=0.4)
     parser.add_argument("--out", default=str(ROOT / "bench/results/scaling.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs/scaling.md"),
@@ -163,12 +166,13 @@ def main() -> None:
     if args._one:  # the subprocess: one compile, JSON on the last line
         variant, seq_len, topology, context = parse_point(args._one)
         print(json.dumps(compile_point(variant, seq_len, topology, args.remat, args.mfu,
-                                       context)))
+                                       context, args.size)))
         return
     points = args.points.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     meta = {"date": datetime.date.today().isoformat(), "commit": commit, "remat": args.remat,
+            "size": args.size,
             "mfu": args.mfu, "machine": f"{os.cpu_count()}-core CPU, libtpu compile only"}
     results, start = [], time.perf_counter()
     if args.collect:
@@ -179,7 +183,7 @@ def main() -> None:
         args.points = ",".join(f"{r['variant']}:{r['seq_len']}:{r['topology']}" for r in results)
     print(HEADER, flush=True)
     for i, point in enumerate(points):
-        results.append(run_point(point, args.remat, args.mfu))
+        results.append(run_point(point, args.remat, args.mfu, args.size))
         print(row(results[-1]), flush=True)
         elapsed = time.perf_counter() - start
         print(f"  [{i + 1}/{len(points)}] {elapsed:.0f} s, ETA "
