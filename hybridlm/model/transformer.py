@@ -14,8 +14,8 @@ whole sequences; `model.decode(tokens, positions, cache) -> (logits, cache)` con
 sequences through a KV cache (hybridlm.infer builds the cache and calls it).
 
 `model.remat` rematerialises each block on its own, in the scanned groups and the tail
-alike: the backward pass holds one block's recomputed activations at a time, whatever
-the pattern's length.
+alike: the backward pass need hold only one block's recomputed activations, whatever
+the pattern's length (docs/scaling.md has the bytes).
 """
 
 from __future__ import annotations
