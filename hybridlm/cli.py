@@ -9,9 +9,11 @@
     hybridlm import --from HF_DIR --out DIR
     hybridlm compile [--config ...] --topology v5p:4x4x8 [--mfu 0.4] [--json FILE]
     hybridlm sweep --sweep FILE[:args] --launcher local|slurm|print [--root DIR] [--summarize]
+    hybridlm sweep --sweep FILE[:args] --status [--root DIR]
 
-`train` takes the multi-host flags (`--coordinator HOST:PORT --num_processes N
---process_id I`, see hybridlm/parallel/distributed.py and docs/launching.md).
+`train`, `eval`, `analyze` and `generate` take the multi-host flags (`--coordinator HOST:PORT
+--num_processes N --process_id I`, see hybridlm/parallel/distributed.py and
+docs/launching.md).
 
 Every error a user can meet is a class of hybridlm/errors.py, and `main` is the one place
 that turns them into one paragraph on stderr and an exit status, never a traceback: 2 for a
@@ -256,6 +258,10 @@ def _add_sweep_parser(sub) -> None:
                        help="gather every point's final metrics and eval results into "
                        "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
                        "both are given)")
+    sweep.add_argument("--status", action="store_true",
+                       help="print each point's state (done / running / stopped / failed / "
+                       "pending), last step and loss, and the ETA, read from the workdirs "
+                       "(while points run, from any host that sees --root)")
     sweep.add_argument("--report", default=None, metavar="FILE.md",
                        help="with --summarize: also write a comparison report (tables of "
                        "losses, needle / RULER scores and attention mass by length, PNG plots "
@@ -265,12 +271,17 @@ def _add_sweep_parser(sub) -> None:
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm import sweep
 
-    if args.launcher is None and not args.summarize:
-        raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize, or both")
+    if args.launcher is None and not args.summarize and not args.status:
+        raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize or "
+                        "--status (or several)")
     if args.report and not args.summarize:
         raise UserError("--report FILE.md needs --summarize (the report is written after it)")
     root = Path(args.root or Path("runs") / Path(args.sweep.partition(":")[0]).stem)
     extra = [f"--config.{o}" for o in overrides]
+    if args.status:
+        from hybridlm.sweep_status import format_status, status
+
+        print(format_status(args.sweep, root, status(args.sweep, root, extra)), flush=True)
     if args.launcher is not None:
         status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only)
         if status != 0:

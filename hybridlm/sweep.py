@@ -8,17 +8,22 @@ commands run on the point's trained workdir, e.g. `["eval", "--task", "niah"]`; 
   local  run the points one after another here; finished points are skipped and
          interrupted ones resume from their checkpoints
   slurm  write a job-array script (one array task per point) and submit it with sbatch
+The local launcher records each attempt in the point's workdir (`record_attempt`);
+hybridlm/sweep_status.py reads the workdirs while points run (`hybridlm sweep --status`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +113,8 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
             raise ConfigError(f"--only {only!r}: the sweep has no such point; it has {names}")
     check_points(points, extra)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points}, indent=2))
+    (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points,
+                                                 "extra": list(extra)}, indent=2))
     if launcher == "print":
         for point in points:
             print(full_command(point, root, extra))
@@ -122,8 +128,11 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
         else:
             print(f"[{i + 1}/{len(points)}] {point['name']}: running", flush=True)
             cmd = command(point, root, extra)
+            record_attempt(workdir, "running")
             returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli",
                                                  *cmd[1:]])
+            record_attempt(workdir, "done" if is_finished(workdir) else
+                           "failed" if returncode else "stopped", returncode)
             if returncode != 0:
                 print(f"sweep: point {point['name']} failed with status {returncode}; "
                       "rerun the same command to resume it", file=sys.stderr)
@@ -136,6 +145,10 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
         if returncode != 0:
             return returncode
     print(f"sweep: all {len(points)} points finished under {root}", flush=True)
+    if only is None:
+        from hybridlm.sweep_status import finished_summary
+
+        print(finished_summary(spec, root, extra), flush=True)
     return 0
 
 
@@ -194,7 +207,9 @@ def _submit_slurm(spec: str, points, root: Path, extra) -> int:
     lines += [")", 'eval "exec ${cmds[$SLURM_ARRAY_TASK_ID]}"']
     script = root / "sweep.sbatch"
     script.write_text("\n".join(lines) + "\n")
-    print(f"wrote {script}; submitting with sbatch", flush=True)
+    print(f"wrote {script}; submitting with sbatch; follow it with: "
+          f"{shlex.join(['hybridlm', 'sweep', '--sweep', spec, '--root', str(root)])} "
+          "--status", flush=True)
     try:
         return subprocess.run(["sbatch", str(script)]).returncode
     except FileNotFoundError:
@@ -272,3 +287,15 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+ATTEMPT = "sweep_attempt.json"  # written into a point's workdir by the local launcher
+
+
+def record_attempt(workdir: Path, state: str, returncode: int | None = None) -> None:
+    """The local launcher's record of a point: running (with the sweep's host and pid, so
+    that --status can tell a live run from a dead one), then done / stopped / failed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
+              "time": time.time(), "returncode": returncode}
+    (workdir / ATTEMPT).write_text(json.dumps(record) + "\n")

@@ -3,12 +3,15 @@
 # loopback: for testing and debugging multi-host code paths on a CPU.
 #
 #   launch/local.sh 2 train --config configs/tiny.py --workdir runs/x
+#   launch/local.sh 2 eval --workdir runs/x --task niah,ppl
 #
 # Each process gets DEVICES_PER_PROCESS fake CPU devices (default 8/N). Process 0's output
-# goes to the terminal; process i's to <workdir or .>/process_<i>.log. If any process fails,
-# the others are killed at once (they cannot go on without it) and the script exits with that
-# process's status. Ctrl-C or SIGTERM is passed on to every process as SIGTERM: they stop
-# together after one step, with a checkpoint of it.
+# goes to the terminal; process i's to <workdir or .>/process_<i>.log for train, and to
+# <workdir>/<command>_process_<i>.log for the others (eval, analyze, generate), so that they
+# do not replace the training run's logs. If any process fails, the others are killed at once
+# (they cannot go on without it) and the script exits with that process's status. Ctrl-C or
+# SIGTERM is passed on to every process as SIGTERM: they stop together after one step, with a
+# checkpoint of it.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 NUM_PROCESSES <hybridlm command> [flags...]" >&2
@@ -26,6 +29,8 @@ for a in "$@"; do
   prev=$a
 done
 mkdir -p "$logdir"
+log_prefix=""
+if [ "$1" != train ]; then log_prefix="$1_"; fi
 # HYBRIDLM: how to run hybridlm, e.g. "python -m hybridlm" from a checkout
 read -r -a hybridlm_cmd <<< "${HYBRIDLM:-hybridlm}"
 pids=()
@@ -47,7 +52,7 @@ for ((i = 0; i < n; i++)); do
   env XLA_FLAGS="--xla_force_host_platform_device_count=$per $other_flags" \
       JAX_PLATFORMS=cpu \
       "${hybridlm_cmd[@]}" "$@" --coordinator "127.0.0.1:$port" --num_processes "$n" \
-      --process_id "$i" > >(if [ "$i" = 0 ]; then cat; else cat > "$logdir/process_$i.log"; fi) 2>&1 &
+      --process_id "$i" > >(if [ "$i" = 0 ]; then cat; else cat > "$logdir/${log_prefix}process_$i.log"; fi) 2>&1 &
   pids+=($!)
 done
 # A process that fails takes the job with it: the others cannot finish a collective (a step,

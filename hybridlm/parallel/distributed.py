@@ -184,16 +184,18 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
                        "error instead of leaving them waiting (default 30)")
 
 
-def start(args: argparse.Namespace, resolved_config_json: str) -> Plan:
+def start(args: argparse.Namespace, resolved_config_json: str,
+          what: str = "resolved config") -> Plan:
     """initialize() from add_cli_flags' flags, then preflight(); call before anything
-    compiles or touches a device."""
+    compiles or touches a device. `what` names the text in the preflight's message (eval
+    commands pass their flags and the checkpoint they found)."""
     for flag in ("distributed_timeout_s", "distributed_heartbeat_s"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     p = initialize(args.coordinator, args.num_processes, args.process_id,
                    timeout_s=args.distributed_timeout_s,
                    heartbeat_s=args.distributed_heartbeat_s)
-    preflight(resolved_config_json)
+    preflight(resolved_config_json, what)
     return p
 
 
@@ -202,21 +204,21 @@ def fingerprint(text: str) -> np.ndarray:
     return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint32).copy()
 
 
-def preflight(resolved_config_json: str) -> None:
+def preflight(resolved_config_json: str, what: str = "resolved config") -> None:
     """Every process must run the same JAX version and the same resolved config."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    for what, text in (("JAX version", jax.__version__), ("resolved config",
-                                                          resolved_config_json)):
+    for label, text in (("JAX version", jax.__version__), (what, resolved_config_json)):
         mine = fingerprint(text)
         everyone = np.asarray(multihost_utils.process_allgather(mine))
         if not (everyone == mine[None]).all():
             differ = [i for i in range(everyone.shape[0]) if not (everyone[i] == mine).all()]
-            raise DistributedError(f"processes {differ} run a different {what} than process "
+            raise DistributedError(f"processes {differ} run a different {label} than process "
                                    f"{jax.process_index()}; start every process from the same "
-                                   "install with the same config and overrides")
+                                   "install with the same config, flags and overrides, on "
+                                   "a workdir that every host sees")
 
 
 # ---- agreeing on a decision (every process must take the same path to the next collective) --

@@ -38,6 +38,7 @@ from hybridlm.parallel import (
 from hybridlm.parallel.context import check_length, context_parallel, reorder_batch
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train import checkpoint as checkpoint_lib
+from hybridlm.train import summary as run_summary
 from hybridlm.train import workdir as workdir_lib
 from hybridlm.train.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb
 from hybridlm.train.optim import decay_mask, make_optimizer, schedule
@@ -178,7 +179,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     lock, Orbax, Grain, the metrics files) is closed on every way out.
     """
     with contextlib.ExitStack() as stack:
-        return _train(cfg, Path(workdir), stack, devices, train_iter, checkpoints, restart)
+        history = _train(cfg, Path(workdir), stack, devices, train_iter, checkpoints, restart)
+    if history and jax.process_index() == 0:  # what the run made, what to run next
+        run_summary.print_if_finished(Path(workdir), cfg.train.steps)
+    return history
 
 
 def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
