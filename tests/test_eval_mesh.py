@@ -78,7 +78,7 @@ def test_ppl_niah_and_analysis_match_one_device_and_two_processes(export, tmp_pa
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     cfg, sharded, _ = load_model(export, mesh_for=lambda c: mesh)
     kw = dict(lengths=[128], depths=[0.5], samples=3, progress=False)
-    with placement.on_mesh(mesh):
+    with placement.on_mesh(mesh, cfg):
         ppl_mesh = commands.eval_ppl(cfg, sharded, tmp_path / "mesh", lengths=[128],
                                      samples=3, progress=False)
         niah_mesh = commands.eval_niah(cfg, sharded, tmp_path / "mesh", **kw)
@@ -101,7 +101,7 @@ def test_ppl_niah_and_analysis_match_one_device_and_two_processes(export, tmp_pa
     logits = np.asarray(single(doc[None, :-1].astype(np.int32)), np.float64)[0]
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     oracle = logz - logits[np.arange(128), doc[1:]]
-    with placement.on_mesh(mesh):
+    with placement.on_mesh(mesh, cfg):
         device_losses = commands.next_token_losses(sharded)(np.stack([doc, doc]))
     np.testing.assert_allclose(np.asarray(device_losses)[0], oracle, rtol=1e-4, atol=1e-5)
 

@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                         1 if args.samples is None else args.samples)
     cfg, model, step, mesh = _load_run(args, overrides)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    with on_mesh(mesh):
+    with on_mesh(mesh, cfg):
         results = commands.run_eval(cfg, model, out, args.task, lengths=lengths, depths=depths,
                                     samples=args.samples, seed=args.seed, step=step,
                                     progress=not args.quiet and _is_main())
@@ -194,7 +194,7 @@ def cmd_analyze(args: argparse.Namespace, overrides: list[str]) -> int:
                         1 if args.samples is None else args.samples)
     cfg, model, step, mesh = _load_run(args, overrides)
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    with on_mesh(mesh):
+    with on_mesh(mesh, cfg):
         result = commands.run_analysis(
             cfg, model, out, lengths=lengths, seed=args.seed, step=step,
             progress=not args.quiet and _is_main(),
@@ -212,7 +212,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm.eval.placement import on_mesh
 
     cfg, model, _, mesh = _load_run(args, overrides)
-    with on_mesh(mesh):
+    with on_mesh(mesh, cfg):
         r = commands.generate_text(cfg, model, args.prompt, max_new=args.max_new,
                                    temperature=args.temperature, top_k=args.top_k,
                                    seed=args.seed)

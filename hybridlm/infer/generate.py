@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from hybridlm.infer.cache import init_cache
+from hybridlm.model.attention import config_tiles
 from hybridlm.model.transformer import Transformer
+from hybridlm.ops import kernel_tiles
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -34,9 +36,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) ->
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step(graphdef, state, tokens, positions, cache):
-    return nnx.merge(graphdef, state)(tokens, positions, None, cache)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _step(graphdef, tiles, state, tokens, positions, cache):
+    with kernel_tiles(*tiles):
+        return nnx.merge(graphdef, state).decode(tokens, positions, cache)
 
 
 class Generator:
@@ -53,13 +56,15 @@ class Generator:
         self.model_cfg, self.batch, self.max_len = model_cfg, batch, max_len
         self.prefill_multiple = prefill_multiple
         self.graphdef, self.state = nnx.split(model)
+        self.tiles = config_tiles(model_cfg)  # the prompt's attention: the config's tiles
         self.lockstep = jax.process_count() > 1
 
     def _wait(self, x):
         return jax.block_until_ready(x) if self.lockstep else x
 
     def _step(self, tokens, positions, cache):
-        return self._wait(_step(self.graphdef, self.state, tokens, positions, cache))
+        return self._wait(_step(self.graphdef, self.tiles, self.state, tokens, positions,
+                                cache))
 
     def prefill(self, prompt: np.ndarray) -> tuple[jax.Array, dict]:
         """(logits of the prompt's last token [B, V], the filled cache)."""

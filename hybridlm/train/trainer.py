@@ -26,6 +26,8 @@ from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
 from hybridlm.errors import RunStopped
 from hybridlm.model import abstract_model, flops_per_token
+from hybridlm.model.attention import config_tiles
+from hybridlm.ops import kernel_tiles
 from hybridlm.parallel import (
     activation_sharding,
     batch_sharding,
@@ -128,6 +130,15 @@ def loss_chunk(cfg: mlc.ConfigDict, mesh, microbatches: int) -> int:
                            mesh.devices.flat[0].platform)
 
 
+@contextlib.contextmanager
+def tracing(cfg: mlc.ConfigDict, mesh) -> Iterator[None]:
+    """Trace the model as this run runs it: on `mesh` (sharding, context parallelism) with
+    the config's attention tiles."""
+    with (activation_sharding(mesh), context_parallel(mesh, cfg.mesh),
+          kernel_tiles(*config_tiles(cfg.model))):
+        yield
+
+
 def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                        tx: optax.GradientTransformation) -> Callable:
     """The train step compiled ahead of time for the global batch, state donated, input and
@@ -140,7 +151,7 @@ def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
     step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
                               z_loss=t.z_loss, loss_chunk=loss_chunk(cfg, mesh, t.grad_accum_steps),
                               unroll=not cfg.model.scan_layers)
-    with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+    with tracing(cfg, mesh):
         return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
                        out_shardings=(layout.shardings, replicated(mesh)),
                        donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
@@ -265,7 +276,7 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
         it = data_pipeline.make_eval_iterator(cfg, rows=local_rows)
         batches = (reorder_batch(b, mesh, cfg.mesh) for b in it)
         try:
-            with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+            with tracing(cfg, mesh):
                 return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, rows)
         finally:
             it.close()  # its reading thread
