@@ -9,8 +9,8 @@ from hybridlm import config as config_lib
 from hybridlm.config import ConfigError
 from hybridlm.data import corpus, synthetic
 from hybridlm.data.pipeline import make_train_iterator
+from hybridlm.data.retrieval_text import WORDS
 from hybridlm.data.sources import is_validation, name_hash, parse_sources
-from hybridlm.eval.tasks import WORDS
 
 
 @pytest.mark.parametrize("spec", ["retrieval:", "retrieval:x", "retrieval:0",

@@ -34,7 +34,7 @@ def test_same_seed_same_samples_and_train_eval_content_is_disjoint():
     b = tasks.make_samples("niah_multikey", TOK, HAY, [400], [0.5], 3, seed=7)
     assert all(np.array_equal(x.ids, y.ids) for x, y in zip(a, b, strict=True))
     train = tasks.make_samples("niah_single", TOK, HAY, [300], [0.5], 50, seed=7, split="train")
-    test = tasks.make_samples("niah_single", TOK, HAY, [300], [0.5], 50, seed=7, split="eval")
+    test = tasks.make_samples("niah_single", TOK, HAY, [300], [0.5], 50, seed=7, split="heldout")
     assert not {s.answers[0] for s in train} & {s.answers[0] for s in test}
     train_keys = {TOK.decode(s.ids[s.question_span[0]:]).split()[7] for s in train}
     test_keys = {TOK.decode(s.ids[s.question_span[0]:]).split()[7] for s in test}

@@ -1,16 +1,19 @@
-"""Synthetic long-context tasks: needle in a haystack and RULER-style retrieval.
+"""Retrieval text: needle-in-a-haystack and RULER-style prompts, built piece by piece.
 
-Every sample is built from text pieces (haystack, needles, question), tokenised piece by
-piece, so the token span of every needle and of the question is known exactly: the
-attention analysis needs those spans, and scoring needs the answer. The same generators
-make training documents (`as_document`), with random content drawn from a different seed
-stream than evaluation, so a model can learn retrieval without seeing the test items.
+One format serves training and evaluation. hybridlm/data/synthetic.py turns prompts plus
+their answers into training documents (`as_document`); hybridlm/eval/tasks.py makes the
+evaluation grids from the same generators. Every sample is built from text pieces
+(haystack, needles, question), tokenised piece by piece, so the token span of every needle
+and of the question is known exactly: the attention analysis needs those spans, and scoring
+needs the answer. Keys and values come from one of two disjoint splits (`Content`):
+training documents use `train`; evaluation asks both, to tell "cannot copy" from "cannot
+copy unseen digits".
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,20 +37,23 @@ class Sample:
     depth: float  # requested needle depth in [0, 1]
 
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "heldout")
+NUMBERS = {"train": (1_000_000, 5_500_000), "heldout": (5_500_000, 10_000_000)}  # [low, high)
+MULTIKEY_DISTRACTORS = 3  # needles with other keys in niah_multikey
+COMMON_TOP = 3  # words asked for in common_words
 
 
 class Content:
-    """Random keys and values of one split. Train and eval draw from disjoint sets (keys
-    from alternate words, numbers from disjoint ranges), so no test item is ever trained on."""
+    """Random keys and values of one split. The splits are disjoint (keys from alternate
+    words, numbers from disjoint ranges): training documents use `train` only, so a
+    `heldout` item is never trained on."""
 
-    def __init__(self, rng: np.random.Generator, split: str = "eval"):
+    def __init__(self, rng: np.random.Generator, split: str = "heldout"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.rng = rng
         self.words = WORDS[0::2] if split == "train" else WORDS[1::2]
-        self.low, self.high = ((1_000_000, 5_500_000) if split == "train"
-                               else (5_500_000, 10_000_000))
+        self.low, self.high = NUMBERS[split]
 
     def number(self) -> str:
         return str(int(self.rng.integers(self.low, self.high)))
@@ -120,7 +126,8 @@ def niah_single(tokenizer, haystack, length, depth, c: Content) -> Sample:
                          f" {value}.", [value], rng)
 
 
-def niah_multikey(tokenizer, haystack, length, depth, c: Content, distractors: int = 3) -> Sample:
+def niah_multikey(tokenizer, haystack, length, depth, c: Content,
+                  distractors: int = MULTIKEY_DISTRACTORS) -> Sample:
     rng = c.rng
     keys = c.keys(distractors + 1)
     values = [c.number() for _ in keys]
@@ -172,7 +179,8 @@ def variable_tracking(tokenizer, haystack, length, depth, c: Content, hops: int 
     return dataclasses.replace(sample, depth=depth)  # the requested depth, not the first link
 
 
-def common_words(tokenizer, haystack, length, depth, c: Content, top: int = 3) -> Sample:
+def common_words(tokenizer, haystack, length, depth, c: Content,
+                 top: int = COMMON_TOP) -> Sample:
     """A numbered list of words; `top` of them repeat far more often than the rest."""
     rng = c.rng
     q = (f"\nWhat are the {top} most common words in the list above? They are")
@@ -203,23 +211,6 @@ TASKS: dict[str, Callable] = {
     "niah_multivalue": niah_multivalue, "niah_multiquery": niah_multiquery,
     "variable_tracking": variable_tracking, "common_words": common_words,
 }
-RULER_TASKS = tuple(TASKS)
-
-
-def make_samples(task: str, tokenizer, haystack: np.ndarray, lengths: Sequence[int],
-                 depths: Sequence[float], per_cell: int, seed: int,
-                 split: str = "eval") -> list[Sample]:
-    """A grid of samples: lengths x depths x per_cell, reproducible from seed."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    out = []
-    for li, length in enumerate(lengths):
-        for di, depth in enumerate(depths):
-            for k in range(per_cell):
-                rng = np.random.default_rng([seed, li, di, k, sorted(TASKS).index(task)])
-                out.append(TASKS[task](tokenizer, haystack, int(length), float(depth),
-                                       Content(rng, split)))
-    return out
 
 
 def as_document(sample: Sample, tokenizer) -> np.ndarray:

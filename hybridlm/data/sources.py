@@ -128,6 +128,12 @@ def fingerprint(spec: SourceSpec, files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def is_synthetic(label: str) -> bool:
+    """Whether a source label (a prepared manifest's "source") names generated retrieval
+    documents: evaluation keeps them out of haystacks and held-out loss."""
+    return label.startswith("retrieval:")
+
+
 class Counts(collections.Counter):
     """What reading a source skipped or repaired: documents, empty, non_utf8, bad_json, ..."""
 

@@ -3,9 +3,10 @@
 A model of a few million parameters trained on source code alone never learns to retrieve a
 number from far back, so the paper's needle and attention-mass measurements would see
 nothing. Mixing in documents built by the very generators the evaluation uses
-(hybridlm/eval/tasks.py: passkey-style single needles, multi-key, multi-value, multi-query,
-variable tracking), with the answer appended, teaches the skill; the training documents draw
-keys and numbers from the `train` split of `Content`, disjoint from what evaluation asks.
+(hybridlm/data/retrieval_text.py: passkey-style single needles, multi-key, multi-value,
+multi-query, variable tracking), with the answer appended, teaches the skill; the training
+documents draw keys and numbers from the `train` split of `Content`, disjoint from the
+`heldout` split that evaluation asks (it asks the `train` split too, and reports both).
 
 The generators work on token ids; here they run on characters (one id per Unicode code
 point), so the documents are text and go through `hybridlm prepare` like any other source.
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from hybridlm.config import ConfigError
+from hybridlm.data.retrieval_text import TASKS, Content, as_document
 
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
@@ -78,8 +80,6 @@ def haystack_chars() -> np.ndarray:
 def retrieval_documents(count: int, max_chars: int, seed: int = 0
                         ) -> Iterator[tuple[str, str]]:
     """(name, text) of `count` retrieval documents, each a task prompt plus its answer."""
-    from hybridlm.eval.tasks import TASKS, Content, as_document
-
     codec, haystack = CharCodec(), haystack_chars()
     for i in range(count):
         rng = np.random.default_rng([seed, i])
