@@ -13,7 +13,7 @@ copy unseen digits".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -216,3 +216,16 @@ TASKS: dict[str, Callable] = {
 def as_document(sample: Sample, tokenizer) -> np.ndarray:
     """A training document: the prompt followed by its answer tokens."""
     return np.concatenate([sample.ids, tokenizer.encode(sample.answer)]).astype(np.int32)
+
+
+def fitted_sample(task: str, tokenizer, haystack: np.ndarray, total: int, depth: float,
+                  seed: Sequence[int], split: str) -> Sample:
+    """A sample whose prompt and answer together take about `total` tokens (`length`), so a
+    model reads and writes it within that window: built once to measure the answer, then
+    again from the same seed (the same keys and values) with the prompt shorter by it."""
+    def build(n: int) -> Sample:
+        return TASKS[task](tokenizer, haystack, n, depth,
+                           Content(np.random.default_rng(list(seed)), split))
+
+    answer = len(tokenizer.encode(build(total).answer))
+    return dataclasses.replace(build(total - answer), length=total)

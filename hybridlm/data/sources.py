@@ -121,6 +121,8 @@ def source_files(spec: SourceSpec, cache_root: Path) -> list[Path]:
 def fingerprint(spec: SourceSpec, files: list[Path]) -> str:
     """Changes when a file is added, removed or modified (or, for stdlib, Python changes)."""
     version = sys.version if spec.kind in ("stdlib", "retrieval") else ""
+    if spec.kind == "retrieval":  # generated: the generator's format is part of its content
+        version += f" retrieval format {synthetic.FORMAT}"
     h = hashlib.sha256(f"{spec.kind}\n{spec.location}\n{version}\n".encode())
     for path in files:
         st = path.stat()

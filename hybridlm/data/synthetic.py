@@ -13,8 +13,9 @@ point), so the documents are text and go through `hybridlm prepare` like any oth
 The haystack is stdlib text from files in the upper half of the name-hash range, which no
 `data.val_fraction` up to 0.5 holds out: validation text is never trained on.
 
-Spec: `retrieval:COUNT[:CHARS]`, COUNT documents of CHARS/4..CHARS characters (default 1024,
-keep it at most data.seq_len so that a question is not cut from its context).
+Spec: `retrieval:COUNT[:CHARS]`, COUNT documents of CHARS/4..CHARS characters, BOS counted
+(default 1024; keep it at most data.seq_len so that a question is not cut from its context
+or its answer).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from hybridlm.config import ConfigError
-from hybridlm.data.retrieval_text import TASKS, Content, as_document
+from hybridlm.data.retrieval_text import as_document, fitted_sample
 
+FORMAT = 2  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
 DEFAULT_CHARS = 1024
@@ -79,11 +81,14 @@ def haystack_chars() -> np.ndarray:
 
 def retrieval_documents(count: int, max_chars: int, seed: int = 0
                         ) -> Iterator[tuple[str, str]]:
-    """(name, text) of `count` retrieval documents, each a task prompt plus its answer."""
+    """(name, text) of `count` retrieval documents, each a task prompt plus its answer, of
+    max_chars/4..max_chars characters with the BOS that prepare puts first (so with
+    max_chars = data.seq_len an ASCII document fills at most one row: never cut)."""
     codec, haystack = CharCodec(), haystack_chars()
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         task = TRAIN_TASKS[i % len(TRAIN_TASKS)]
-        length = int(rng.integers(max_chars // 4, max_chars + 1))
-        sample = TASKS[task](codec, haystack, length, float(rng.uniform()), Content(rng, "train"))
+        length = int(rng.integers(max_chars // 4, max_chars + 1)) - 1  # the BOS comes first
+        sample = fitted_sample(task, codec, haystack, length, float(rng.uniform()),
+                               [seed, i, 1], "train")
         yield f"retrieval/{task}/{i:07d}", codec.decode(as_document(sample, codec))

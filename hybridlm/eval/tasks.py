@@ -36,17 +36,18 @@ def with_bos(sample: Sample, bos_id: int) -> Sample:
 def make_samples(task: str, tokenizer, haystack: np.ndarray, lengths: Sequence[int],
                  depths: Sequence[float], per_cell: int, seed: int,
                  split: str = "heldout") -> list[Sample]:
-    """A grid of prompts (BOS first, about `length` tokens in all): lengths x depths x
-    per_cell, reproducible from seed; keys and values from `split`."""
+    """A grid of prompts: lengths x depths x per_cell, reproducible from seed; keys and
+    values from `split`. BOS, prompt and answer together are about `length` tokens, so at
+    the training length the model answers within the window it was trained on."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     out = []
     for li, length in enumerate(lengths):
         for di, depth in enumerate(depths):
             for k in range(per_cell):
-                rng = np.random.default_rng([seed, li, di, k, sorted(TASKS).index(task)])
-                sample = TASKS[task](tokenizer, haystack, int(length) - 1, float(depth),
-                                     rt.Content(rng, split))
+                sample = rt.fitted_sample(task, tokenizer, haystack, int(length) - 1,
+                                          float(depth),
+                                          [seed, li, di, k, sorted(TASKS).index(task)], split)
                 out.append(dataclasses.replace(with_bos(sample, tokenizer.bos_id),
                                                length=int(length)))
     return out
