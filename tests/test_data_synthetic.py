@@ -11,6 +11,7 @@ from hybridlm.data import corpus, synthetic
 from hybridlm.data.pipeline import make_train_iterator
 from hybridlm.data.retrieval_text import WORDS
 from hybridlm.data.sources import is_validation, name_hash, parse_sources
+from hybridlm.data.tokenizers import ByteTokenizer
 
 
 @pytest.mark.parametrize("spec", ["retrieval:", "retrieval:x", "retrieval:0",
@@ -52,7 +53,9 @@ def test_haystack_is_never_validation_text():
     assert texts and not any(len(t) > 200 and t in haystack for t in texts)
 
 
-def test_mixed_with_a_corpus_into_training_batches(tmp_path):
+def test_packed_rows_hold_whole_documents_each_behind_a_bos(tmp_path):
+    """Documents of at most seq_len characters (BOS counted) fill one piece each: in the
+    packed rows every segment starts with the BOS and ends with its answer and the EOS."""
     cfg = config_lib.load("configs/tiny.py", [
         f"data.cache_dir={tmp_path}", "data.source=retrieval:60:256", "data.seq_len=256",
         "train.batch_size=4"])
@@ -60,3 +63,14 @@ def test_mixed_with_a_corpus_into_training_batches(tmp_path):
     text = bytes(t for t in batch["inputs"][batch["segment_ids"] > 0].tolist() if t < 256)
     assert b"magic number" in text or b"VAR X" in text
     assert batch["inputs"].shape == (4, 256) and batch["weights"].sum() > 0
+    bos, eos = ByteTokenizer.BOS, ByteTokenizer.EOS
+    segments = 0
+    for row in range(4):
+        seg = batch["segment_ids"][row]
+        for s in set(seg[seg > 0].tolist()):
+            inputs, targets = batch["inputs"][row][seg == s], batch["targets"][row][seg == s]
+            assert inputs[0] == bos and bos not in inputs[1:] and bos not in targets
+            assert targets[-1] == eos and chr(targets[-2]) == "."  # the answer's full stop
+            assert batch["positions"][row][seg == s][0] == 0
+            segments += 1
+    assert segments >= 4

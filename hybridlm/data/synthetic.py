@@ -28,11 +28,11 @@ import numpy as np
 from hybridlm.config import ConfigError
 from hybridlm.data.retrieval_text import as_document, fitted_sample
 
-FORMAT = 2  # part of the source's cache key: a change to the documents bumps it
+FORMAT = 3  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
 DEFAULT_CHARS = 1024
-MIN_CHARS = 128
+MIN_CHARS = 256  # a single needle, its question and answer fit; several need ~340
 HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
 
 
@@ -63,15 +63,17 @@ class CharCodec:
 
 @functools.cache
 def haystack_chars() -> np.ndarray:
-    """Stdlib text that is never validation (name hash in the upper half), as code points."""
+    """Stdlib text that is never validation (name hash in the upper half), as code points;
+    ASCII files only, so a document of N characters is N byte tokens."""
     from hybridlm.data import corpus
     from hybridlm.data.sources import name_hash
 
     root = corpus.stdlib_dir().parent
     texts = []
     for path in corpus.stdlib_files():
-        if name_hash(path.relative_to(root).as_posix()) >= 2**62:
-            texts.append(path.read_bytes().decode("utf-8", errors="replace"))
+        data = path.read_bytes()
+        if name_hash(path.relative_to(root).as_posix()) >= 2**62 and data.isascii():
+            texts.append(data.decode("ascii"))  # one byte a character: lengths are exact
         if len(texts) == HAYSTACK_FILES:
             break
     if not texts:
@@ -83,12 +85,17 @@ def retrieval_documents(count: int, max_chars: int, seed: int = 0
                         ) -> Iterator[tuple[str, str]]:
     """(name, text) of `count` retrieval documents, each a task prompt plus its answer, of
     max_chars/4..max_chars characters with the BOS that prepare puts first (so with
-    max_chars = data.seq_len an ASCII document fills at most one row: never cut)."""
+    max_chars = data.seq_len a document fills at most one row: never cut). Tasks take turns;
+    one whose needles and question alone are longer than that gives way to the next."""
     codec, haystack = CharCodec(), haystack_chars()
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        task = TRAIN_TASKS[i % len(TRAIN_TASKS)]
         length = int(rng.integers(max_chars // 4, max_chars + 1)) - 1  # the BOS comes first
-        sample = fitted_sample(task, codec, haystack, length, float(rng.uniform()),
-                               [seed, i, 1], "train")
-        yield f"retrieval/{task}/{i:07d}", codec.decode(as_document(sample, codec))
+        depth = float(rng.uniform())
+        for k in range(len(TRAIN_TASKS)):  # the task in turn, or the next one that fits
+            task = TRAIN_TASKS[(i + k) % len(TRAIN_TASKS)]
+            ids = as_document(fitted_sample(task, codec, haystack, length, depth,
+                                            [seed, i, 1], "train"), codec)
+            if len(ids) < max_chars:
+                break
+        yield f"retrieval/{task}/{i:07d}", codec.decode(ids)
