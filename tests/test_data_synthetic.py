@@ -14,10 +14,13 @@ from hybridlm.data.sources import is_validation, name_hash, parse_sources
 from hybridlm.data.tokenizers import ByteTokenizer
 
 
-@pytest.mark.parametrize("spec", ["retrieval:", "retrieval:x", "retrieval:0",
-                                  "retrieval:10:64", "retrieval:10:256:3"])
-def test_bad_specs_name_the_source(spec):
-    with pytest.raises(ConfigError, match="retrieval:COUNT"):
+@pytest.mark.parametrize("spec,message", [
+    ("retrieval:", "retrieval:COUNT"), ("retrieval:x", "retrieval:COUNT"),
+    ("retrieval:0", "retrieval:COUNT"), ("retrieval:10:64", "CHARS >= 256"),
+    ("retrieval:10:256:niah_single:3", "retrieval:COUNT:CHARS:TASK"),
+    ("retrieval:10:256:niah_single+nosuch", "unknown task 'nosuch'")])
+def test_bad_specs_name_the_source(spec, message):
+    with pytest.raises(ConfigError, match=message):
         parse_sources(spec)
 
 
@@ -25,6 +28,9 @@ def test_documents_are_reproducible_and_end_with_their_answer():
     docs = list(synthetic.retrieval_documents(10, 400))
     assert docs == list(synthetic.retrieval_documents(10, 400))
     assert [n.split("/")[1] for n, _ in docs[:5]] == list(synthetic.TRAIN_TASKS)
+    chosen = synthetic.parse_spec("4:400:niah_single+variable_tracking")
+    assert [n.split("/")[1] for n, _ in synthetic.retrieval_documents(*chosen)] == \
+        ["niah_single", "variable_tracking"] * 2
     for name, text in docs:
         assert 100 - 2 <= len(text) <= 400 + 40, (name, len(text))
         if "niah_single" in name:

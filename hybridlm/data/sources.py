@@ -7,7 +7,7 @@ A source spec is one of
   [jsonl:]PATH                     JSON lines (*.jsonl); data.text_field holds the text
   [parquet:]PATH                   Parquet files (*.parquet); data.text_field is the column
   [prepared:]DIR                   the output of `hybridlm prepare` (holds manifest.json)
-  retrieval:COUNT[:CHARS]          synthetic retrieval documents (hybridlm/data/synthetic.py)
+  retrieval:COUNT[:CHARS[:TASKS]]  synthetic retrieval documents (hybridlm/data/synthetic.py)
 Without a prefix the kind follows from the path. Several sources are separated by commas
 and mixed with data.weights.
 

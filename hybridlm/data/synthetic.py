@@ -13,9 +13,9 @@ point), so the documents are text and go through `hybridlm prepare` like any oth
 The haystack is stdlib text from files in the upper half of the name-hash range, which no
 `data.val_fraction` up to 0.5 holds out: validation text is never trained on.
 
-Spec: `retrieval:COUNT[:CHARS]`, COUNT documents of CHARS/4..CHARS characters, BOS counted
-(default 1024; keep it at most data.seq_len so that a question is not cut from its context
-or its answer).
+Spec: `retrieval:COUNT[:CHARS[:TASKS]]`, COUNT documents of CHARS/4..CHARS characters, BOS
+counted (default 1024; keep it at most data.seq_len so that a question is not cut from its
+context or its answer), of the tasks TASKS ('+'-separated, default all five) in turn.
 """
 
 from __future__ import annotations
@@ -36,19 +36,26 @@ MIN_CHARS = 256  # a single needle, its question and answer fit; several need ~3
 HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
 
 
-def parse_spec(location: str) -> tuple[int, int]:
-    """'4000' -> (4000, 1024); '4000:2048' -> (4000, 2048); anything else: ConfigError."""
+def parse_spec(location: str) -> tuple[int, int, tuple[str, ...]]:
+    """'4000' -> (4000, 1024, TRAIN_TASKS); '4000:2048' -> (4000, 2048, TRAIN_TASKS);
+    '4000:512:niah_single+niah_multikey' -> those tasks in turn; anything else: ConfigError."""
     parts = location.split(":")
     try:
         count = int(parts[0])
         chars = int(parts[1]) if len(parts) > 1 else DEFAULT_CHARS
     except (ValueError, IndexError):
         count = chars = -1
-    if len(parts) > 2 or count < 1 or chars < MIN_CHARS:
-        raise ConfigError(f"data.source 'retrieval:{location}': write retrieval:COUNT or "
-                          f"retrieval:COUNT:CHARS with COUNT >= 1 documents and CHARS >= "
-                          f"{MIN_CHARS} characters each at most")
-    return count, chars
+    tasks = tuple(parts[2].split("+")) if len(parts) > 2 else TRAIN_TASKS
+    if len(parts) > 3 or count < 1 or chars < MIN_CHARS:
+        raise ConfigError(f"data.source 'retrieval:{location}': write retrieval:COUNT, "
+                          f"retrieval:COUNT:CHARS or retrieval:COUNT:CHARS:TASK+TASK with "
+                          f"COUNT >= 1 documents and CHARS >= {MIN_CHARS} characters each at "
+                          "most")
+    unknown = [t for t in tasks if t not in TRAIN_TASKS]
+    if unknown:
+        raise ConfigError(f"data.source 'retrieval:{location}': unknown task {unknown[0]!r}; "
+                          f"choose from {'+'.join(TRAIN_TASKS)}")
+    return count, chars, tasks
 
 
 class CharCodec:
@@ -81,8 +88,8 @@ def haystack_chars() -> np.ndarray:
     return CharCodec().encode("\n".join(texts))
 
 
-def retrieval_documents(count: int, max_chars: int, seed: int = 0
-                        ) -> Iterator[tuple[str, str]]:
+def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRAIN_TASKS,
+                        seed: int = 0) -> Iterator[tuple[str, str]]:
     """(name, text) of `count` retrieval documents, each a task prompt plus its answer, of
     max_chars/4..max_chars characters with the BOS that prepare puts first (so with
     max_chars = data.seq_len a document fills at most one row: never cut). Tasks take turns;
@@ -92,8 +99,8 @@ def retrieval_documents(count: int, max_chars: int, seed: int = 0
         rng = np.random.default_rng([seed, i])
         length = int(rng.integers(max_chars // 4, max_chars + 1)) - 1  # the BOS comes first
         depth = float(rng.uniform())
-        for k in range(len(TRAIN_TASKS)):  # the task in turn, or the next one that fits
-            task = TRAIN_TASKS[(i + k) % len(TRAIN_TASKS)]
+        for k in range(len(tasks)):  # the task in turn, or the next one that fits
+            task = tasks[(i + k) % len(tasks)]
             ids = as_document(fitted_sample(task, codec, haystack, length, depth,
                                             [seed, i, 1], "train"), codec)
             if len(ids) < max_chars:
