@@ -15,7 +15,8 @@ The haystack is stdlib text from files in the upper half of the name-hash range,
 
 Spec: `retrieval:COUNT[:CHARS[:TASKS]]`, COUNT documents of CHARS/4..CHARS characters, BOS
 counted (default 1024; keep it at most data.seq_len so that a question is not cut from its
-context or its answer), of the tasks TASKS ('+'-separated, default all five) in turn.
+context or its answer), of the tasks TASKS ('+'-separated, default the five retrieval
+tasks; `copy` adds text that ends repeating a span of it) in turn.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from hybridlm.config import ConfigError
-from hybridlm.data.retrieval_text import as_document, fitted_sample
+from hybridlm.data.retrieval_text import as_document, fitted_sample, haystack_ids
 
 FORMAT = 3  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
+TASKS = (*TRAIN_TASKS, "copy")  # `copy` on request only: text that ends repeating a span of it
+COPY_SPAN = (24, 96)  # characters repeated at the end of a `copy` document
 DEFAULT_CHARS = 1024
 MIN_CHARS = 256  # a single needle, its question and answer fit; several need ~340
 HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
@@ -51,10 +54,10 @@ def parse_spec(location: str) -> tuple[int, int, tuple[str, ...]]:
                           f"retrieval:COUNT:CHARS or retrieval:COUNT:CHARS:TASK+TASK with "
                           f"COUNT >= 1 documents and CHARS >= {MIN_CHARS} characters each at "
                           "most")
-    unknown = [t for t in tasks if t not in TRAIN_TASKS]
+    unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"data.source 'retrieval:{location}': unknown task {unknown[0]!r}; "
-                          f"choose from {'+'.join(TRAIN_TASKS)}")
+                          f"choose from {'+'.join(TASKS)}")
     return count, chars, tasks
 
 
@@ -88,6 +91,17 @@ def haystack_chars() -> np.ndarray:
     return CharCodec().encode("\n".join(texts))
 
 
+def copy_document(haystack: np.ndarray, length: int, depth: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """`length` characters of text whose last line repeats a span of it from `depth`: to
+    continue it, look back for where the span began and copy on, which is the look-back a
+    needle's answer needs (the question ends as the needle began) with a denser signal."""
+    span = int(rng.integers(*COPY_SPAN))
+    text = haystack_ids(haystack, max(length - span - 1, span), rng)
+    start = int(round(depth * (len(text) - span)))
+    return np.concatenate([text, CharCodec().encode("\n"), text[start:start + span]])
+
+
 def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRAIN_TASKS,
                         seed: int = 0) -> Iterator[tuple[str, str]]:
     """(name, text) of `count` retrieval documents, each a task prompt plus its answer, of
@@ -101,8 +115,9 @@ def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRA
         depth = float(rng.uniform())
         for k in range(len(tasks)):  # the task in turn, or the next one that fits
             task = tasks[(i + k) % len(tasks)]
-            ids = as_document(fitted_sample(task, codec, haystack, length, depth,
-                                            [seed, i, 1], "train"), codec)
+            ids = copy_document(haystack, length, depth, rng) if task == "copy" else \
+                as_document(fitted_sample(task, codec, haystack, length, depth, [seed, i, 1],
+                                          "train"), codec)
             if len(ids) < max_chars:
                 break
         yield f"retrieval/{task}/{i:07d}", codec.decode(ids)
