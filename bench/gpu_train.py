@@ -10,7 +10,8 @@ so the attention kernel sees segment ids as it does in real training.
 Reports step time, tokens/s, model TFLOP/s (the analytic count of hybridlm.model.flops,
 windowed layers counted at their window), MFU against the chip's dense bf16 peak, peak
 device memory, and which attention kernel ran (a fallback is logged and recorded).
-Cases run in order until --budget-s is spent; the rest are listed as skipped.
+Cases run in order until --budget-s is spent; the rest are listed as skipped. The JSON is
+rewritten after every case, so a lease that ends mid-run keeps the finished rows.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from hybridlm.train.optim import decay_mask, make_optimizer  # noqa: E402
 from hybridlm.train.state import abstract_model, init_state, make_layout  # noqa: E402
 from hybridlm.train.trainer import compile_train_step  # noqa: E402
 
-# (size, variant, seq_len, batch): the paper's comparison at 8k, at 32k, then at 1b.
+# (size, variant, seq_len, batch): the paper's comparison at 8k, 32k and 128k, then at 1b.
 CASES = [
     ("150m", "rope", 8192, 4),
     ("150m", "rnope_swa", 8192, 4),
     ("150m", "rope", 32768, 1),
     ("150m", "rnope_swa", 32768, 1),
+    ("150m", "rope", 131072, 1),
+    ("150m", "rnope_swa", 131072, 1),
     ("1b", "rope", 8192, 1),
     ("1b", "rnope_swa", 8192, 1),
 ]
@@ -122,6 +125,15 @@ def main() -> int:
     fallbacks = Fallbacks()
     logging.getLogger("hybridlm.ops.attention").addHandler(fallbacks)
     began, results = time.perf_counter(), []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        out.write_text(json.dumps({
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "card": device.device_kind, "jax": jax.__version__,
+            "peak_flops": peak_flops(device), "results": results}, indent=2) + "\n")
+
     for size, variant, seq_len, batch in CASES:
         name = f"{size} {variant} T={seq_len} B={batch}"
         if not any(part in name for part in args.only.split(",")):
@@ -137,6 +149,7 @@ def main() -> int:
             row = {"error": repr(e)[:800]}
         row = {"case": name, **row, "attention_fallbacks": fallbacks.messages[seen:]}
         results.append(row)
+        write()
         if "error" in row:
             print(f"{name}: ERROR {row['error'][:300]}", flush=True)
         else:
@@ -145,12 +158,7 @@ def main() -> int:
                   f"{row['model_tflop_per_s']:6.1f} TFLOP/s  MFU {mfu}  "
                   f"mem {row['peak_memory_gb'] or 0:.1f} GB  compile {row['compile_s']:.0f} s"
                   + ("  FELL BACK" if row["attention_fallbacks"] else ""), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "card": device.device_kind,
-        "jax": jax.__version__, "peak_flops": peak_flops(device), "results": results},
-        indent=2) + "\n")
+    write()
     print(f"card: {device.device_kind}; wrote {out}")
     return 0
 

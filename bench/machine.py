@@ -17,10 +17,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def git_commit() -> str | None:
+def git_commit(tree: str | Path | None = None) -> str | None:
+    """The short commit of `tree` (default: this checkout)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                              cwd=Path(__file__).resolve().parent, capture_output=True,
+                              cwd=tree or Path(__file__).resolve().parent, capture_output=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

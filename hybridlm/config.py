@@ -84,7 +84,7 @@ def defaults() -> mlc.ConfigDict:
     d.min_doc_tokens = 0  # leave out training documents shorter than this many tokens
     d.long_doc_tokens = 0  # documents of at least this many tokens are up-weighted (0: off)
     d.long_doc_repeat = 1  # ... by appearing this many times per epoch
-    d.eval_batches = 16  # validation batches per evaluation (0: one full pass, single process)
+    d.eval_batches = 16  # validation batches per evaluation (0: one full pass)
     d.workers = 0  # Grain worker processes (0: read in the training process, with threads)
 
     c.train = t = mlc.ConfigDict()

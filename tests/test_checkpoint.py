@@ -162,6 +162,22 @@ def test_config_changes_that_keep_shapes_are_listed_and_resume(trained, devices,
     assert "data.seq_len: 16 -> 32" in out and "train.learning_rate: 0.003 -> 0.001" in out
 
 
+def test_a_checkpoint_with_per_process_data_states_is_refused_saying_what_to_do(
+        trained, tmp_path, devices):
+    """Checkpoints from before global batches hold one iterator state per process: they
+    cannot continue the new stream, and the error says how to keep the weights."""
+    cfg, workdir, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    for step in (1, 2):
+        data = copy / "checkpoints" / str(step) / "data"
+        (data / "position.json").rename(data / "process_0-of-2.json")
+    _, layout = build_layout(cfg, devices)
+    with pytest.raises(CheckpointError, match=r"per-process data iterator states "
+                       r"\(process_0-of-2.json\).*train.init_from=.*init_from_opt_state=True"):
+        restore(cfg, copy, layout)
+
+
 def test_init_from_refuses_other_shapes_before_anything_compiles(trained):
     _, workdir, _, _ = trained
     cfg = tiny_config(DENSE, "model.num_layers=8", f"train.init_from={workdir}")

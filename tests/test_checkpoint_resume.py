@@ -188,7 +188,12 @@ def start_two_processes(workdir: Path) -> list[subprocess.Popen]:
                              stderr=subprocess.STDOUT) for i in range(2)]
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_then_one_process_finishes_the_run(
+        reference, tmp_path):
+    """Two processes (one device each) stop together at the same step with a checkpoint, and
+    one process finishes the run from it: every step's loss is the uninterrupted
+    single-process run's (both processes read their rows of the same global batches, and
+    the checkpoint holds one data position, not one per process)."""
     workdir = tmp_path / "two"
     workers = start_two_processes(workdir)
     wait_for_step(workers[0], workdir, random.randint(3, STEPS - 6))
@@ -200,5 +205,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     step = int(stopped.group(1))
     assert checkpoint_steps(workdir)[-1] == step == max(losses(workdir))
     data = workdir / "checkpoints" / str(step) / "data"
-    assert {p.name for p in data.glob("*.json")} == {"process_0-of-2.json",
-                                                     "process_1-of-2.json"}
+    assert {p.name for p in data.glob("*.json")} == {"position.json"}
+
+    assert "resuming from" in finish(workdir)  # one process, one device
+    curve, want = losses(workdir), reference[1]
+    assert sorted(curve) == sorted(want)
+    np.testing.assert_allclose([curve[s] for s in want], list(want.values()), rtol=1e-5,
+                               err_msg=f"two processes to step {step}, then one")

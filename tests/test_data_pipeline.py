@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hybridlm.config import ConfigError
+from hybridlm.data import plan
 from hybridlm.data.pipeline import data_record, make_eval_iterator, make_train_iterator
 from tests.test_data_sources import BOS, CORPUS_FILES, data_config, make_corpus, oracle_tokens
 
@@ -105,19 +106,6 @@ def test_other_packings_keep_every_pair_once(cache, corpus_dir, doc_pieces, pack
         assert all(b["weights"].all() for b in batches[:-1])
 
 
-def test_processes_read_disjoint_shards_that_cover_the_data(cache, corpus_dir):
-    cfg = config(cache, corpus_dir)
-    _, whole = drain(make_train_iterator(cfg, num_epochs=1, progress=False))
-    shards = [drain(make_train_iterator(cfg, i, 2, num_epochs=1, progress=False))[1]
-              for i in range(2)]
-    assert len(shards[0]) + len(shards[1]) == len(whole)
-    assert sorted(shards[0] + shards[1]) == sorted(whole)
-    first = next(make_train_iterator(cfg, 0, 2, progress=False))
-    assert first["inputs"].shape == (4, SEQ)
-    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible.*\(3\)"):
-        make_train_iterator(cfg, 0, 3, progress=False)
-
-
 def take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -128,6 +116,57 @@ def assert_same(a, b):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def global_batches(cfg, parts: list[np.ndarray], steps: int, state=None):
+    """The global batches that processes holding rows `parts` build together, each process's
+    rows put back in their places; and the processes' data states after each step."""
+    its = [make_train_iterator(cfg, rows=rows, progress=False) for rows in parts]
+    if state is not None:
+        for it in its:
+            it.set_state(state)
+    out, states = [], []
+    for _ in range(steps):
+        batch = {}
+        for rows, it in zip(parts, its, strict=True):
+            for k, v in next(it).items():
+                batch.setdefault(k, np.zeros((cfg.train.batch_size, *v.shape[1:]), v.dtype))
+                batch[k][rows] = v
+        out.append(batch)
+        states.append([json.loads(json.dumps(it.get_state())) for it in its])
+    for it in its:
+        it.close()
+    return out, states
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_the_global_batch_is_the_same_built_by_1_2_or_4_processes(cache, corpus_dir, packing,
+                                                                monkeypatch):
+    """Each process plans the whole batch from piece lengths and reads only its rows: the
+    rows of 2 blocks or of 4 interleaved sets put together are the 1-process batch, step
+    after step (across packing windows), and every process holds the same state, which
+    continues the stream on any other number of processes."""
+    monkeypatch.setattr(plan, "PACK_WINDOW", 16)  # many windows in a few steps
+    cfg = config(cache, corpus_dir, f"data.packing={packing}", "data.seq_len=64")
+    steps, everything = 12, np.arange(8)
+    one, one_states = global_batches(cfg, [everything], steps)
+    assert len({tuple(s[0]["position"]) for s in one_states}) == steps
+    two, two_states = global_batches(cfg, [everything[:4], everything[4:]], steps)
+    four, four_states = global_batches(cfg, [everything[i::4] for i in range(4)], steps)
+    assert_same(two, one)
+    assert_same(four, one)
+    for states in (two_states, four_states):
+        assert all(s == [one_states[i][0]] * len(s) for i, s in enumerate(states))
+    resumed, _ = global_batches(cfg, [everything[i::4] for i in range(4)], 5,
+                                state=two_states[6][1])
+    assert_same(resumed, one[7:])
+    assert segments(one[0]) and all(b["weights"].any() for b in one)
+    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) must be divisible.*\(3\)"):
+        make_train_iterator(cfg, 0, 3, progress=False)
+    cfg.data.seq_len = 32
+    it = make_train_iterator(cfg, progress=False)
+    with pytest.raises(ConfigError, match="data.seq_len=64; this config has .* 32"):
+        it.set_state(one_states[0][0])
 
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat"])
@@ -196,22 +235,28 @@ def test_eval_gives_a_fixed_number_of_batches_padded_past_the_end(cache, corpus_
     assert len(fixed) == len(full) + 2 and not fixed[-1]["weights"].any()
     cfg.data.eval_batches = 2
     assert_same(list(make_eval_iterator(cfg, progress=False)), full[:2])
-    cfg.data.eval_batches = 0
-    with pytest.raises(ConfigError, match="eval_batches=0.*single process"):
-        make_eval_iterator(cfg, 0, 2, progress=False)
+    cfg.data.eval_batches = 0  # one pass, the same length on every process
+    halves = [list(make_eval_iterator(cfg, i, 2, progress=False)) for i in range(2)]
+    assert len(halves[0]) == len(halves[1]) == len(full)
+    joined = [{k: np.concatenate([a[k], b[k]]) for k in a}
+              for a, b in zip(halves[0], halves[1], strict=True)]
+    assert_same(joined, full)
     with pytest.raises(ConfigError, match="no validation documents.*raise data.val_fraction"):
         make_eval_iterator(config(cache, corpus_dir, "data.val_fraction=0.0"), progress=False)
 
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume_exactly(cache, corpus_dir):
+    """Two workers each read every other batch: the same batches as none; their state is
+    global, so the pipeline without workers continues it."""
     cfg = config(cache, corpus_dir)
     reference = take(make_train_iterator(cfg, progress=False), 12)
-    cfg.data.workers = 1
+    cfg.data.workers = 2
     it = make_train_iterator(cfg, progress=False)
     assert_same(take(it, 7), reference[:7])
     state = json.loads(json.dumps(it.get_state()))
     it.close()
+    cfg.data.workers = 0
     resumed = make_train_iterator(cfg, progress=False)
     resumed.set_state(state)
     assert_same(take(resumed, 5), reference[7:])

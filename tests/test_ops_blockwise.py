@@ -14,6 +14,7 @@ import pytest
 
 from hybridlm import ops
 from hybridlm.ops import blockwise, cost
+from hybridlm.ops.block_plan import schedule
 from hybridlm.ops.blockwise import block_sizes, blockwise_attention, plan
 
 B, T, H, D = 2, 37, 4, 8  # 37: not a multiple of any block size used here
@@ -170,6 +171,32 @@ def test_strip_plan_covers_each_query_blocks_visible_run():
     assert p.computed_pairs() == 10 * 256 * 256  # the same causal triangle as steps
     w = plan(1024, 1024, 128, 128, True, 256, None, False, None, strips=True)
     assert [(s.kv_blocks[0], s.kv_span) for s in w.steps][-2:] == [(4, 3), (5, 3)]
+
+
+@pytest.mark.parametrize("geometry,max_pairs", [
+    ((32768, 32768, 256, 256, True, None, None, False), 32),  # a full causal layer at 32k
+    ((32768, 32768, 128, 128, True, 1024, None, False), 64),  # a window of 1024
+    ((37, 37, 16, 16, True, 13, None, True), 3),  # packed (every pair masked), padded
+    ((21, 37, 8, 16, False, 5, None, False), 2),  # T != S, bidirectional window
+])
+def test_schedule_runs_every_visible_pair_once_in_iterations_of_one_shape(geometry, max_pairs):
+    p = plan(*geometry)
+    pairs = {(i, j): step.masked for step in p.steps
+             for i, j in zip(step.q_blocks, step.kv_blocks, strict=True)}
+    sched = schedule(p, max_pairs)
+    assert 1 <= len(sched.loops) <= 2
+    seen = []
+    for tiles in sched.loops:
+        assert len({len(row) for row in tiles.q + tiles.kv}) == 1  # one shape
+        assert len(tiles.q) >= 2 and len(tiles.q[0]) <= max_pairs
+        for qs, ks in zip(tiles.q, tiles.kv, strict=True):
+            real = [(i, j) for i, j in zip(qs, ks, strict=True) if i < p.num_q_blocks]
+            assert len({i for i, _ in real}) == len(real)  # distinct query blocks
+            assert tiles.masked or (len(real) == len(qs) and not any(map(pairs.get, real)))
+            seen += real
+    assert sorted(seen) == sorted(pairs)  # each visible block pair exactly once
+    if geometry[5] is None:  # causal: no padding at all
+        assert sched.computed_pairs() == p.computed_pairs()
 
 
 def test_windows_cap_block_sizes():

@@ -1,6 +1,7 @@
 """Cost claims through XLA's cost analysis, which is deterministic (no wall-clock).
 
-The blockwise kernel unrolls its steps in Python, so XLA counts every one; the model is
+XLA counts a loop body once: `cost.compiled_cost` takes FLOPs from the program with the
+blockwise kernel's loops unrolled, temp bytes from the program as it runs; the model is
 measured with scan_layers=False for the same reason.
 """
 
@@ -12,7 +13,14 @@ from flax import nnx
 
 from hybridlm import config as config_lib
 from hybridlm.model import Transformer
-from hybridlm.ops.cost import attention_cost, attention_matmul_flops, visible_pairs
+from hybridlm.ops import MaskSpec, attention, blockwise
+from hybridlm.ops.cost import (
+    attention_cost,
+    attention_matmul_flops,
+    compiled_cost,
+    hlo_instructions,
+    visible_pairs,
+)
 from hybridlm.train.state import COUNTERS
 from hybridlm.train.step import make_train_step
 from hybridlm.train.trainer import BATCH_KEYS
@@ -66,8 +74,30 @@ def train_step_cost(model_cfg, length):
     batch = {key: jax.ShapeDtypeStruct((1, length), jnp.dtype(dtype))
              for key, dtype in BATCH_KEYS.items()}
     step = make_train_step(graphdef, tx, optax.constant_schedule(1e-3))
-    compiled = jax.jit(step).lower(state, batch).compile()
-    return compiled.cost_analysis()["flops"], compiled.memory_analysis().temp_size_in_bytes
+    cost = compiled_cost(step, state, batch)
+    return cost["flops"], cost["temp_bytes"]
+
+
+def layer_instructions(length: int, window: int | None) -> int:
+    """Instructions of one attention layer's compiled forward + backward (tiny heads)."""
+    q = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
+    spec = MaskSpec(causal=True, window=window)
+
+    def loss(q, k, v, cotangent):
+        return jnp.sum(attention(q, k, v, spec, "blockwise") * cotangent)
+
+    return hlo_instructions(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, q)
+
+
+@pytest.mark.parametrize("window", [None, 1024])
+def test_a_layers_program_does_not_grow_with_the_length(window, monkeypatch):
+    """The looped kernel's program is the same size at 2k and 32k; the unrolled steps of
+    before grew 68x for a full causal layer (docs/performance.md). Strips are pinned off:
+    up to MAX_STRIPS query blocks (a full layer at 2k) the default runs strips instead,
+    unrolled, at most that many whatever T."""
+    monkeypatch.setattr(blockwise, "MAX_STRIPS", 0)
+    short, long = (layer_instructions(t, window) for t in (2048, 32768))
+    assert abs(long - short) <= 0.1 * short, (short, long)
 
 
 @pytest.mark.slow

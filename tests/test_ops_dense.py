@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hybridlm import ops
+from hybridlm.ops import masks
 
 
 def loop_attention(q, k, v, *, causal, window, chunk, q_seg, kv_seg, q_pos, kv_pos, sinks):
@@ -90,3 +91,17 @@ def test_shapes_are_checked():
                       ops.MaskSpec())
     with pytest.raises(ValueError, match="window"):
         ops.MaskSpec(window=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_counts_and_block_geometry_follow_the_one_predicate(case):
+    """What FLOP counts (`visible_key_counts`) and block skipping (`visible_offsets`) use
+    agree with `visible`, the predicate dense (above) is tested with, on numpy arrays."""
+    t = 23
+    p, s = np.arange(t)[:, None], np.arange(t)[None, :]
+    mask = masks.visible(p, s, **case)
+    assert isinstance(mask, np.ndarray) and mask.shape == (t, t)
+    np.testing.assert_array_equal(masks.visible_key_counts(t, **case), mask.sum(axis=1))
+    lo, hi = masks.visible_offsets(**case)
+    offsets = (p - s)[mask]
+    assert offsets.min() >= lo and offsets.max() <= hi

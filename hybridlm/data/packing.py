@@ -4,16 +4,16 @@ A document of L tokens plus its end-of-document token has L (input, target) pair
 cut into consecutive pieces of at most seq_len pairs: piece k covers tokens
 [k * seq_len, min((k + 1) * seq_len, L) + 1), so neighbouring pieces share one token and every
 pair of the document is trained on exactly once. Nothing is truncated: a 200k-token file
-becomes ~400 pieces of 512. Grain's first-fit / best-fit packers need every element to fit
-a row already, which pieces do; concat-then-split cuts pieces again at row ends.
+becomes ~400 pieces of 512.
 
-Positions restart at 0 in every piece (and, with concat-then-split, in every part of a cut
-piece), and segment ids keep pieces in one row from attending to each other.
+Packing decides rows from piece lengths alone (`fit_rows`, and plan.py for the stream), so
+every process can plan the global batch without reading a token; `read_rows` then reads the
+tokens of the rows a process holds. A segment is a piece, or with concat-then-split a part of
+one: positions restart at 0 in every segment and segment ids (1, 2, ... in a row, 0 =
+padding) keep segments of one row from attending to each other.
 """
 
 from __future__ import annotations
-
-import functools
 
 import grain
 import numpy as np
@@ -78,35 +78,49 @@ class PieceSource:
         return {**self.__dict__, "_reader": None}
 
 
-def pack(ds: grain.IterDataset, packing: str, seq_len: int, num_bins: int, seed: int,
-         shuffle_bins: bool) -> grain.IterDataset:
-    """Pack pieces into rows of seq_len: adds inputs_segment_ids / inputs_positions."""
-    lengths = {"inputs": seq_len, "targets": seq_len}
-    if packing == "concat":
-        return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
-    packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
-              "best_fit": grain.experimental.BestFitPackIterDataset}[packing]
-    return packer(ds, length_struct=lengths, num_packing_bins=num_bins, seed=seed,
-                  shuffle_bins=shuffle_bins)
+def fit_rows(lengths: np.ndarray, seq_len: int, best: bool = False) -> np.ndarray:
+    """Row of each piece (in order) under first fit, or best fit: a piece goes into the first
+    row (best fit: the fullest row) with room for it; a new row opens when none has room."""
+    free = np.empty(len(lengths), np.int64)
+    out = np.empty(len(lengths), np.int64)
+    rows = 0
+    for k, length in enumerate(np.asarray(lengths, np.int64).tolist()):
+        fits = np.flatnonzero(free[:rows] >= length) if length < seq_len else ()
+        if len(fits) == 0:
+            row, free[rows] = rows, seq_len
+            rows += 1
+        else:
+            row = fits[np.argmin(free[fits])] if best else fits[0]
+        free[row] -= length
+        out[k] = row
+    return out
 
 
-def to_batch(rows: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Grain's packed rows -> the batch contract, padded with empty rows to batch_size."""
-    segment_ids = rows["inputs_segment_ids"].astype(np.int32)
-    batch = {
-        "inputs": rows["inputs"].astype(np.int32),
-        "targets": rows["targets"].astype(np.int32),
-        "positions": rows["inputs_positions"].astype(np.int32),
-        "segment_ids": segment_ids,
-        "weights": (segment_ids > 0).astype(np.float32),
-    }
-    missing = batch_size - len(segment_ids)
-    if missing > 0:
-        batch = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
-                 for k, v in batch.items()}
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+
+
+def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """All-padding rows: every array 0, weights 0."""
+    batch = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS[:-1]}
+    batch["weights"] = np.zeros((rows, seq_len), np.float32)
     return batch
 
 
-def finalize(batch_size: int):
-    """A picklable map function (worker processes receive it) for to_batch."""
-    return functools.partial(to_batch, batch_size=batch_size)
+def read_rows(segments: np.ndarray, readers: list[PieceSource], rows: int,
+              seq_len: int) -> dict[str, np.ndarray]:
+    """The batch contract for `rows` rows from their segments.
+
+    `segments` [n, 7] int64: (row, offset in row, segment id, source, document, first token,
+    pairs); a segment fills [offset, offset + pairs) of its row with tokens
+    [first, first + pairs] of the document (its last pair's target included).
+    """
+    batch = empty_batch(rows, seq_len)
+    for row, offset, segment, source, doc, start, pairs in segments.tolist():
+        tokens = readers[source].tokens(doc, start, start + pairs + 1)
+        span = slice(offset, offset + pairs)
+        batch["inputs"][row, span] = tokens[:-1]
+        batch["targets"][row, span] = tokens[1:]
+        batch["positions"][row, span] = np.arange(pairs, dtype=np.int32)
+        batch["segment_ids"][row, span] = segment
+    batch["weights"] = (batch["segment_ids"] > 0).astype(np.float32)
+    return batch

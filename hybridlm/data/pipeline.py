@@ -1,25 +1,31 @@
-"""The Grain input pipelines the trainer consumes.
+"""The input pipelines the trainer consumes: global batches, each process reading its rows.
 
-    it = make_train_iterator(cfg, process_index, process_count)
+    it = make_train_iterator(cfg, rows=process_rows(mesh, cfg.train.batch_size))
     batch = next(it)  # this process's rows of the global batch, numpy:
-    #   inputs, targets, positions, segment_ids [b, T] int32; weights [b, T] float32
-    state = it.get_state(); it.set_state(state)  # JSON-serialisable, resumes exactly
+    #   inputs, targets, positions, segment_ids [len(rows), T] int32; weights float32
+    state = it.get_state(); it.set_state(state)  # JSON; the same on every process
 
-Training: every training-split piece (packing.py) of every source, shuffled with
-train.seed and reshuffled each epoch (Grain's index shuffle: epoch e uses seed + e), cut into
-a disjoint slice per process (this process takes positions process_index::process_count of
-the shuffled order), read from the prepared shards, packed, batched. Several sources are
-mixed with data.weights, each source repeating on its own. Only the piece table (24 bytes a
-piece) is in memory; a resume restores the stream position and re-packs at most one packing
-window, never replays the run.
+The global batch at step s is a pure function of the data config, train.seed and s
+(plan.py): every training-split piece (packing.py) of every source, shuffled with
+train.seed and reshuffled each epoch, sources mixed by data.weights, packed into rows from
+the pieces' lengths alone. Every process plans the same rows and reads the tokens of the
+rows it holds (the mesh's batch sharding says which: parallel.process_rows), so the same
+config trains on the same batches as 1 process x 8 devices or 2 x 4, and the data state
+in a checkpoint (a position in the global row stream, not one state per process) continues
+on any number of processes. Only the piece tables (24 bytes a piece) are in memory; a
+resume re-plans at most one packing window, never replays the run. Reading runs in a
+background thread, or with data.workers=N in N Grain worker processes that each take every
+N-th batch (the same batches for any N).
 
 Validation: documents whose name hash falls below data.val_fraction (sources.py), never
-trained on. An eval iterator is a fixed pass, in file order, over this process's slice of
-the validation pieces: exactly data.eval_batches batches (rows past the end of the split are
-padding with weight 0), or with data.eval_batches=0 the whole slice once (single process).
+trained on, in file order (no shuffle), packed the same way: exactly data.eval_batches
+global batches (rows past the end of the split are padding with weight 0), or with
+data.eval_batches=0 the whole split once.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import grain
 import ml_collections as mlc
@@ -27,26 +33,25 @@ import numpy as np
 
 from hybridlm.config import ConfigError
 from hybridlm.data import packing
+from hybridlm.data.plan import PieceStream, RowPlanner
 from hybridlm.data.prepare import Prepared, resolve, resolve_tokenizer
 from hybridlm.data.sources import is_validation
 from hybridlm.data.tokenizers import Tokenizer, static_vocab_size
 
-READ_THREADS = 2  # threads reading records per process (the data are small and local)
-PREFETCH = 64  # pieces read ahead per process
-MIN_PACKING_BINS = 16  # first/best-fit rows packed together (more bins: less padding)
+PREFETCH_BATCHES = 4  # batches read ahead (by the background thread, or per worker)
+STATE_FORMAT = "hybridlm-global-rows-v1"
 
 
-def local_batch_size(cfg: mlc.ConfigDict, process_count: int) -> int:
+def block_rows(cfg: mlc.ConfigDict, process_index: int, process_count: int) -> np.ndarray:
+    """Rows of process p of P when the batch is cut into P equal blocks in process order
+    (what a batch sharding over devices listed process by process gives)."""
     batch = cfg.train.batch_size
     if process_count < 1 or batch % process_count:
         raise ConfigError(f"train.batch_size ({batch}) must be divisible by the number of "
                           f"processes ({process_count}): every process reads the same number "
                           "of rows")
-    return batch // process_count
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    per = batch // process_count
+    return np.arange(process_index * per, (process_index + 1) * per)
 
 
 def split_pieces(prepared: Prepared, data: mlc.ConfigDict, split: str) -> np.ndarray:
@@ -74,30 +79,122 @@ def _check_nonempty(pieces: np.ndarray, prepared: Prepared, data: mlc.ConfigDict
                       f"{data.val_fraction}, min_doc_tokens {data.min_doc_tokens}); {hint}")
 
 
-def train_dataset(cfg: mlc.ConfigDict, process_index: int = 0, process_count: int = 1, *,
-                  num_epochs: int | None = None, progress: bool = True) -> grain.IterDataset:
-    """The training pipeline as a Grain IterDataset (infinite unless num_epochs is given)."""
-    data, seed = cfg.data, cfg.train.seed
-    batch = local_batch_size(cfg, process_count)
-    _, sources = resolve(data, progress=progress)
-    parts, weights = [], []
-    for i, (prepared, weight) in enumerate(sources):
-        pieces = split_pieces(prepared, data, "train")
-        _check_nonempty(pieces, prepared, data, "train")
-        ds = grain.MapDataset.source(packing.PieceSource(prepared, pieces))
-        ds = ds.shuffle(seed=_seed(seed, i)).repeat(num_epochs)
-        parts.append(ds[process_index::process_count])
-        weights.append(weight)
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                              prefetch_buffer_size=PREFETCH))
-    ds = packing.pack(ds, data.packing, data.seq_len, max(batch, MIN_PACKING_BINS),
-                      seed=_seed(seed, process_index, 1), shuffle_bins=True)
-    ds = ds.batch(batch, drop_remainder=False).map(packing.finalize(batch))
-    if data.workers:
-        _mark_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
-    return ds
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """What a batch needs, picklable (worker processes get a copy)."""
+
+    stream: PieceStream
+    readers: tuple[packing.PieceSource, ...]
+    seq_len: int
+    packing: str
+    batch_size: int  # global rows per batch
+    rows: np.ndarray  # the global rows this process builds, ascending
+
+
+class _Batches(grain.IterDataset):
+    """This process's rows of consecutive global batches from a stream position. Grain's
+    worker processes each take every n-th batch (set_slice): the same batches for any n."""
+
+    def __init__(self, spec: BatchSpec, position: tuple[int, int], rows_done: int):
+        super().__init__()
+        self._spec, self._position, self._rows_done = spec, position, rows_done
+        self._slice = slice(0, None, 1)
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        self._slice = sl
+
+    def __iter__(self) -> _BatchIterator:
+        return _BatchIterator(self._spec, self._position, self._rows_done,
+                              self._slice.start or 0, self._slice.step or 1)
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, spec: BatchSpec, position, rows_done: int, first: int, every: int):
+        super().__init__()
+        self._spec, self._first, self._every = spec, first, every
+        self._planner = RowPlanner(spec.stream, spec.seq_len, spec.packing, position, rows_done)
+        self._count = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        spec = self._spec
+        while True:
+            rows = self._planner.take(spec.batch_size)
+            if not len(rows):
+                raise StopIteration
+            self._count += 1
+            if (self._count - 1) % self._every == self._first:
+                break
+        batch = packing.read_rows(rows.select(spec.rows), spec.readers, len(spec.rows),
+                                  spec.seq_len)
+        batch["position"] = np.asarray([*self._planner.position, self._planner.rows_done])
+        return batch
+
+    def get_state(self) -> dict:
+        return {"position": list(self._planner.position), "rows": self._planner.rows_done,
+                "count": self._count}
+
+    def set_state(self, state: dict) -> None:
+        spec = self._spec
+        self._planner = RowPlanner(spec.stream, spec.seq_len, spec.packing,
+                                   tuple(state["position"]), state["rows"])
+        self._count = state["count"]
+
+
+class BatchIterator:
+    """This process's rows of consecutive global batches (the contract above).
+
+    The state is the position in the global row stream after the last batch delivered:
+    {"format", "packing", "seq_len", "position": [a, b], "rows": rows delivered so far},
+    identical on every process. Reading ahead happens in a background thread (or in
+    data.workers processes); `close()` stops it.
+    """
+
+    def __init__(self, spec: BatchSpec, workers: int = 0):
+        self.spec, self._workers = spec, workers
+        self._position, self._rows_done = (0, 0), 0
+        self._it = None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            ds = _Batches(self.spec, self._position, self._rows_done)
+            if self._workers:
+                _mark_flags_parsed()
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+            else:
+                ds = grain.experimental.ThreadPrefetchIterDataset(
+                    ds, prefetch_buffer_size=PREFETCH_BATCHES)
+            self._it = iter(ds)
+        batch = next(self._it)
+        *position, self._rows_done = batch.pop("position").tolist()
+        self._position = tuple(position)
+        return batch
+
+    def get_state(self) -> dict:
+        return {"format": STATE_FORMAT, "packing": self.spec.packing,
+                "seq_len": self.spec.seq_len, "position": list(self._position),
+                "rows": self._rows_done}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ConfigError(f"the data state {str(state)[:120]!r} is not a position in the "
+                              f"global row stream ({STATE_FORMAT}); it was written by another "
+                              "version of the pipeline")
+        saved = (state["packing"], state["seq_len"])
+        if saved != (self.spec.packing, self.spec.seq_len):
+            raise ConfigError(f"the checkpoint's data position is for data.packing="
+                              f"{saved[0]} and data.seq_len={saved[1]}; this config has "
+                              f"{self.spec.packing} and {self.spec.seq_len}: set them back, or "
+                              "start a new stage from these weights with train.init_from")
+        self.close()
+        self._position, self._rows_done = tuple(state["position"]), int(state["rows"])
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
 
 
 def _mark_flags_parsed() -> None:
@@ -109,47 +206,56 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _rows(cfg: mlc.ConfigDict, process_index: int, process_count: int,
+          rows: np.ndarray | None) -> np.ndarray:
+    if rows is None:
+        return block_rows(cfg, process_index, process_count)
+    rows = np.asarray(rows, np.int64)
+    if not (np.all(np.diff(rows) > 0) and rows.min(initial=0) >= 0
+            and rows.max(initial=0) < cfg.train.batch_size):
+        raise ValueError(f"rows must ascend within [0, train.batch_size={cfg.train.batch_size})"
+                         f"; got {rows.tolist()[:16]}")
+    return rows
+
+
 def make_train_iterator(cfg: mlc.ConfigDict, process_index: int = 0, process_count: int = 1,
-                        *, num_epochs: int | None = None, progress: bool = True,
-                        ) -> grain.DatasetIterator:
-    """This process's training batches (see the module docstring for the contract)."""
-    return iter(train_dataset(cfg, process_index, process_count, num_epochs=num_epochs,
-                              progress=progress))
+                        *, rows: np.ndarray | None = None, num_epochs: int | None = None,
+                        progress: bool = True) -> BatchIterator:
+    """This process's rows of the global training batches (infinite unless num_epochs).
 
-
-def eval_dataset(cfg: mlc.ConfigDict, process_index: int = 0, process_count: int = 1, *,
-                 progress: bool = True) -> grain.IterDataset:
-    """One pass over this process's slice of the validation pieces, in order."""
+    `rows`: the global rows this process holds, ascending (the trainer passes
+    parallel.process_rows(mesh, batch)); by default block `process_index` of
+    `process_count` equal blocks.
+    """
     data = cfg.data
-    batch = local_batch_size(cfg, process_count)
+    rows = _rows(cfg, process_index, process_count, rows)
     _, sources = resolve(data, progress=progress)
-    parts = []
-    for prepared, _ in sources:
-        pieces = split_pieces(prepared, data, "validation")
-        _check_nonempty(pieces, prepared, data, "validation")
-        parts.append(grain.MapDataset.source(packing.PieceSource(prepared, pieces)))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
-    ds = ds[process_index::process_count].to_iter_dataset(
-        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH))
-    ds = packing.pack(ds, data.packing, data.seq_len, max(batch, MIN_PACKING_BINS), seed=0,
-                      shuffle_bins=False)
-    return ds.batch(batch, drop_remainder=False).map(packing.finalize(batch))
+    tables, readers, weights = [], [], []
+    for prepared, weight in sources:
+        pieces = split_pieces(prepared, data, "train")
+        _check_nonempty(pieces, prepared, data, "train")
+        tables.append(pieces)
+        readers.append(packing.PieceSource(prepared, pieces))
+        weights.append(weight)
+    stream = PieceStream(tables, seed=cfg.train.seed, weights=weights, num_epochs=num_epochs)
+    spec = BatchSpec(stream, tuple(readers), data.seq_len, data.packing,
+                     cfg.train.batch_size, rows)
+    return BatchIterator(spec, data.workers)
 
 
 class EvalIterator:
     """Exactly `num_batches` batches of a validation pass; past its end, empty batches."""
 
-    def __init__(self, it: grain.DatasetIterator, num_batches: int, batch_size: int,
-                 seq_len: int):
+    def __init__(self, it: BatchIterator, num_batches: int):
         self._it, self._left = it, num_batches
-        self._empty = packing.to_batch({k: np.zeros((0, seq_len), np.int32) for k in (
-            "inputs", "targets", "inputs_positions", "inputs_segment_ids")}, batch_size)
+        self._empty = packing.empty_batch(len(it.spec.rows), it.spec.seq_len)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._left <= 0:
+            self.close()
             raise StopIteration
         self._left -= 1
         try:
@@ -157,27 +263,28 @@ class EvalIterator:
         except StopIteration:
             return {k: v.copy() for k, v in self._empty.items()}
 
-    def get_state(self) -> dict:
-        return {"left": self._left, "grain": self._it.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self._left = state["left"]
-        self._it.set_state(state["grain"])
+    def close(self) -> None:
+        self._it.close()
 
 
 def make_eval_iterator(cfg: mlc.ConfigDict, process_index: int = 0, process_count: int = 1,
-                       *, progress: bool = True):
-    """This process's validation batches: data.eval_batches of them on every process, or
-    with data.eval_batches=0 one full pass (single process only: processes' passes differ in
-    length, and a multi-process step must run the same number of times everywhere)."""
-    n = cfg.data.eval_batches
-    if n == 0 and process_count > 1:
-        raise ConfigError("data.eval_batches=0 (one full validation pass) needs a single "
-                          f"process; with {process_count} processes set a number of batches")
-    it = iter(eval_dataset(cfg, process_index, process_count, progress=progress))
-    if n == 0:
-        return it
-    return EvalIterator(it, n, local_batch_size(cfg, process_count), cfg.data.seq_len)
+                       *, rows: np.ndarray | None = None, progress: bool = True):
+    """This process's rows of the validation batches: data.eval_batches global batches, or
+    with data.eval_batches=0 one full pass (the same length on every process: the pass is
+    global). `rows` as for make_train_iterator."""
+    data = cfg.data
+    rows = _rows(cfg, process_index, process_count, rows)
+    _, sources = resolve(data, progress=progress)
+    tables, readers = [], []
+    for prepared, _ in sources:
+        pieces = split_pieces(prepared, data, "validation")
+        _check_nonempty(pieces, prepared, data, "validation")
+        tables.append(pieces)
+        readers.append(packing.PieceSource(prepared, pieces))
+    stream = PieceStream(tables, shuffle=False, num_epochs=1)
+    it = BatchIterator(BatchSpec(stream, tuple(readers), data.seq_len, data.packing,
+                                 cfg.train.batch_size, rows))
+    return it if data.eval_batches == 0 else EvalIterator(it, data.eval_batches)
 
 
 def load_tokenizer(cfg: mlc.ConfigDict, progress: bool = True) -> Tokenizer:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridlm.ops import MaskSpec, dense_mask
+from hybridlm.ops.softmax import masked_softmax
 
 SEGMENTS = ("begin", "needle", "context", "qc")
 BEGIN_TOKENS = 10
@@ -50,15 +51,9 @@ def query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, window: int 
     qg = q.reshape(num_q, hkv, h // hkv, d).astype(jnp.float32)
     scores = jnp.einsum("qkgd,skd->kgqs", qg, k.astype(jnp.float32)) / np.sqrt(d)
     mask = visible_keys(q_positions, k.shape[0], window, chunk)
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    if sinks is not None:
-        row_max = jnp.maximum(row_max, sinks.reshape(hkv, h // hkv, 1, 1))
-    e = jnp.exp(scores - row_max)
-    denom = e.sum(-1, keepdims=True)
-    if sinks is not None:
-        denom = denom + jnp.exp(sinks.reshape(hkv, h // hkv, 1, 1) - row_max)
-    return (e / denom).reshape(h, num_q, k.shape[0])
+    sink = None if sinks is None else sinks.reshape(hkv, h // hkv, 1, 1)
+    probs, _ = masked_softmax(scores, mask, sink)
+    return probs.reshape(h, num_q, k.shape[0])
 
 
 def visible_keys(q_positions: jax.Array, num_keys: int, window: int | None,

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import ml_collections as mlc
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -28,6 +27,7 @@ from hybridlm.eval import analysis, heldout, perplexity, plots, retrieval, scori
 from hybridlm.eval.analysis_math import SEGMENTS
 from hybridlm.infer import Generator, cache_bytes
 from hybridlm.model.transformer import Transformer
+from hybridlm.ops.cross_entropy import softmax_cross_entropy
 
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RULER_DEPTHS = (0.1, 0.5, 0.9)
@@ -169,7 +169,7 @@ def next_token_losses(model: Transformer):
     @jax.jit
     def losses(state, tokens):
         logits = nnx.merge(graphdef, state)(tokens[:, :-1]).astype(jax.numpy.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        return softmax_cross_entropy(logits, tokens[:, 1:])[0]
 
     return lambda tokens: losses(state, tokens)
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from hybridlm.model.pattern import LayerSpec, expand
+from hybridlm.ops.masks import visible_key_counts
 
 
 def _layer_params(cfg: Mapping[str, Any], spec: LayerSpec) -> tuple[int, int]:
@@ -49,14 +48,9 @@ def matmul_param_count(cfg: Mapping[str, Any]) -> int:
 
 
 def mean_visible_keys(seq_len: int, window: int | None = None, chunk: int | None = None) -> float:
-    """Keys a causal query sees, averaged over positions 0..seq_len-1."""
-    t = np.arange(seq_len, dtype=np.float64)
-    visible = t + 1
-    if chunk is not None:
-        visible = np.minimum(visible, t % chunk + 1)
-    if window is not None:
-        visible = np.minimum(visible, window)
-    return float(visible.mean())
+    """Keys a causal query sees, averaged over positions 0..seq_len-1 (the mask rule's own
+    count, `hybridlm.ops.masks.visible_key_counts`)."""
+    return float(visible_key_counts(seq_len, causal=True, window=window, chunk=chunk).mean())
 
 
 def attention_flops_per_token(cfg: Mapping[str, Any], seq_len: int) -> float:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from hybridlm.ops import cudnn, splash
 from hybridlm.ops.blockwise import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, blockwise_attention
 from hybridlm.ops.masks import MaskSpec, dense_mask
+from hybridlm.ops.softmax import masked_softmax
 
 IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
 log = logging.getLogger(__name__)
@@ -56,17 +57,8 @@ def dense_attention(q, k, v, spec: MaskSpec, *, scale: float, sinks=None) -> jax
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * scale
     mask = dense_mask(spec, t, k.shape[1])[:, None, None]  # [B|1, 1, 1, T, S]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, hkv, h // hkv, 1, 1)
-        row_max = jnp.maximum(row_max, sink)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    probs = jnp.exp(scores - row_max)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    if sinks is not None:
-        denom = denom + jnp.exp(sink - row_max)
-    probs = probs / jnp.where(denom == 0.0, 1.0, denom)
+    sink = None if sinks is None else sinks.reshape(1, hkv, h // hkv, 1, 1)
+    probs, _ = masked_softmax(scores, mask, sink)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)

@@ -1,28 +1,55 @@
 """XLA-counted cost of attention and of train steps: deterministic, no arrays needed.
 
-`jax.jit(f).lower(*ShapeDtypeStructs).compile()` reports FLOPs and temp bytes that are
-the same on every compile. XLA counts a loop body once, so everything measured here
-must be loop-free: the blockwise kernel unrolls its steps in Python (and model costs
-should be taken with `scan_layers=False`).
+`jax.jit(f).lower(*ShapeDtypeStructs)` gives a program whose FLOPs (XLA's HLO cost analysis)
+and, compiled, temp bytes are the same every time. XLA counts a loop body once, so FLOPs are
+counted on the program traced with the blockwise kernel's loops unrolled
+(`blockwise.unrolled`: the same iterations as straight code), as lowered: compiling that
+unrolled twin would take as long as the unrolled kernels of before, and the lowered count is
+within 0.2% of the compiled one on the kernels measured (docs/performance.md). Temp bytes
+come from the looped program as compiled and run. Model costs should be taken with
+`scan_layers=False`, for the same reason.
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hybridlm.ops.attention import attention
-from hybridlm.ops.masks import MaskSpec, visible_offsets
+from hybridlm.ops.blockwise import unrolled
+from hybridlm.ops.masks import MaskSpec, visible_key_counts
+
+_INSTRUCTION = re.compile(r"^\s+(ROOT )?%?[\w.\-]+ = ", re.MULTILINE)
+
+
+def _lower(fn, args):
+    # A fresh function each time: jit's trace cache must not hand the looped trace to
+    # the unrolled count, or the other way round.
+    return jax.jit(lambda *a: fn(*a)).lower(*args)
 
 
 def compiled_cost(fn, *args) -> dict[str, float]:
-    """{'flops', 'temp_bytes'} of fn compiled for the given abstract arguments."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
+    """{'flops': every loop iteration counted, 'temp_bytes': as compiled and run} of fn for
+    the given abstract arguments."""
+    with unrolled():
+        cost = _lower(fn, args).cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+    compiled = _lower(fn, args).compile()
     return {"flops": float(cost["flops"]),
             "temp_bytes": float(compiled.memory_analysis().temp_size_in_bytes)}
+
+
+def count_instructions(hlo_text: str) -> int:
+    """Instructions in an HLO module's text, every computation's."""
+    return len(_INSTRUCTION.findall(hlo_text))
+
+
+def hlo_instructions(fn, *args) -> int:
+    """Instructions in fn's compiled program (XLA's optimised HLO): the program's size,
+    which is what compile time and compile memory follow."""
+    return count_instructions(jax.jit(fn).lower(*args).compile().as_text())
 
 
 def attention_cost(impl: str, *, batch: int, length: int, heads: int, kv_heads: int,
@@ -46,14 +73,7 @@ def attention_cost(impl: str, *, batch: int, length: int, heads: int, kv_heads: 
 def visible_pairs(length: int, causal: bool = True, window: int | None = None,
                   chunk: int | None = None) -> int:
     """Exact number of (query, key) pairs the mask shows, self-attention, one head."""
-    lo, hi = visible_offsets(causal, window, chunk)
-    i = np.arange(length)
-    first = np.maximum(0, i - hi) if np.isfinite(hi) else np.zeros_like(i)
-    last = np.minimum(length - 1, i - lo) if np.isfinite(lo) else np.full_like(i, length - 1)
-    if chunk is not None:
-        first = np.maximum(first, i // chunk * chunk)
-        last = np.minimum(last, (i // chunk + 1) * chunk - 1)
-    return int(np.maximum(0, last - first + 1).sum())
+    return int(visible_key_counts(length, causal=causal, window=window, chunk=chunk).sum())
 
 
 def attention_matmul_flops(pairs: int, batch: int, heads: int, head_dim: int) -> int:

@@ -34,18 +34,27 @@ def _float(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def softmax_cross_entropy(logits: jax.Array, targets: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(cross-entropy, log Z, softmax) per position of integer `targets` under `logits`
+    [..., V], in the logits' dtype: the one cross-entropy of hybridlm (the fused loss below,
+    the whole-logits loss of `train/step.py`, evaluation). Autodiff of it is exact too."""
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    exp = jnp.exp(logits - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    log_z = (top + jnp.log(total))[..., 0]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z, exp / total
+
+
 def _chunk_losses(h, w_vd, targets, scale):
     """Per-token (softmax, log Z, cross-entropy) for one chunk, in float32 (or float64)."""
     logits = jnp.einsum("bcd,vd->bcv", h, w_vd.astype(h.dtype),
                         preferred_element_type=_float(h.dtype))
     if scale != 1.0:
         logits = logits * scale
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    exp = jnp.exp(logits - top)
-    total = jnp.sum(exp, axis=-1, keepdims=True)
-    log_z = (top + jnp.log(total))[..., 0]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return exp / total, log_z, log_z - target_logit
+    ce, log_z, probs = softmax_cross_entropy(logits, targets)
+    return probs, log_z, ce
 
 
 def _strided_chunks(x: jax.Array, n: int) -> jax.Array:

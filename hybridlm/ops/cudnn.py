@@ -21,7 +21,8 @@ from hybridlm.ops.masks import MaskSpec
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Documents per row that cuDNN's packed layout is built for. Its memory grows with this
 # bound (at T=8192 a bound of T asked for 1 TiB on an H100); a batch with a row of more
-# documents runs blockwise instead (one lax.cond, both kernels compiled).
+# documents runs blockwise instead (one lax.cond, both kernels compiled; blockwise loops
+# over its blocks, so its program, and the compile, do not grow with T).
 MAX_SEGMENTS = 16
 
 
@@ -126,5 +127,7 @@ def _packed(q, k, v, spec: MaskSpec, scale: float) -> jax.Array:
         return blockwise_attention(q, k, v, spec, scale=scale, block_q=DEFAULT_BLOCK_Q,
                                    block_kv=DEFAULT_BLOCK_KV, keep_probs=False)
 
+    if max(q.shape[1], k.shape[1]) <= MAX_SEGMENTS:  # no row can hold more documents
+        return fused(q, k, v)
     fits = jnp.maximum(jnp.max(q_count), jnp.max(kv_count)) <= MAX_SEGMENTS
     return jax.lax.cond(fits, fused, blockwise, q, k, v)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridlm.ops.attention import attention
-from hybridlm.ops.masks import MaskSpec
+from hybridlm.ops.masks import MaskSpec, span
 
 
 @jax.tree_util.register_dataclass
@@ -36,8 +36,9 @@ class LayerCache:
 
 
 def cache_size(max_len: int, window: int | None, chunk: int | None) -> int:
-    """Slots a layer needs: all positions, its window, or its chunk, whichever is least."""
-    return min(s for s in (max_len, window, chunk) if s is not None)
+    """Slots a layer needs: all positions, or its span (window or chunk), whichever is less."""
+    reach = span(window, chunk)
+    return max_len if reach is None else min(max_len, reach)
 
 
 def empty_cache(batch: int, size: int, kv_heads: int, head_dim: int,

@@ -33,7 +33,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
 from jax.sharding import PartitionSpec as P
 
-from hybridlm.ops.masks import MaskSpec
+from hybridlm.ops.masks import MaskSpec, visible_offsets
 
 PAD_SEGMENT = -1  # segment id of padding keys: no real query shares it
 LANES = 128  # splash tiles are multiples of the TPU lane width, in interpret mode too
@@ -114,8 +114,8 @@ def visited_blocks(spec: MaskSpec, t: int, block_q: int = 512,
     q_first = np.arange(length // bq)[:, None] * bq
     k_first = np.arange(length // bk)[None, :] * bk
     q_last, k_last = q_first + bq - 1, k_first + bk - 1
-    left = np.inf if spec.window is None else spec.window - 1  # keys p-left .. p+right
-    right = 0 if spec.causal else (np.inf if spec.window is None else spec.window - 1)
+    lo, hi = visible_offsets(spec.causal, spec.window, None)  # keys p - hi .. p - lo
+    left, right = hi, -lo
     visited = (k_first <= q_last + right) & (k_last >= q_first - left)
     return int(visited.sum()), bq, bk
 

@@ -12,10 +12,11 @@ from hybridlm.parallel.rules import (
     batch_sharding,
     logical_to_spec,
     param_shardings,
+    process_rows,
     put_batch,
     replicated,
 )
 
 __all__ = ["ACTIVATION_RULES", "MESH_AXES", "PARAM_RULES", "activation_sharding", "batch_axes",
            "batch_sharding", "logical_to_spec", "make_mesh", "mesh_shape", "param_shardings",
-           "put_batch", "replicated"]
+           "process_rows", "put_batch", "replicated"]

@@ -39,7 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from hybridlm.config import ConfigError
 from hybridlm.ops.attention import parallel_attention
-from hybridlm.ops.masks import MaskSpec, dense_mask
+from hybridlm.ops.masks import MaskSpec, dense_mask, span
+from hybridlm.ops.softmax import masked_softmax
 from hybridlm.parallel.rules import ACTIVATION_RULES, logical_to_spec
 
 AXIS = "context"
@@ -178,13 +179,13 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
 def _shard_attention(q, k, v, positions, segments, sinks=None, *, window, chunk, local,
                      scale, layout: Layout, impl: str):
     """One device's share: its query chunks against the keys they may see."""
-    span = min((s for s in (window, chunk) if s is not None), default=None)
+    reach = span(window, chunk)
     chunk_len = q.shape[1] // layout.per_shard
-    if span is not None and span - 1 <= chunk_len:
+    if reach is not None and reach - 1 <= chunk_len:
         return _halo_attention(q, k, v, positions, segments, sinks, window=window,
                                chunk=chunk, local=local, scale=scale, layout=layout)
-    if span is not None:
-        _say_once(f"context parallelism: span {span} exceeds a chunk of {chunk_len} tokens; "
+    if reach is not None:
+        _say_once(f"context parallelism: span {reach} exceeds a chunk of {chunk_len} tokens; "
                   "this layer fetches all earlier keys like a full layer")
     full = functools.partial(_full_attention, window=window, chunk=chunk, scale=scale,
                              layout=layout, impl=impl)
@@ -231,7 +232,7 @@ def _halo_attention(q, k, v, positions, segments, sinks, *, window, chunk, local
     b, tl, h, d = q.shape
     m = layout.per_shard
     c = tl // m
-    w = min(s for s in (window, chunk) if s is not None) - 1  # keys a query sees before it
+    w = span(window, chunk) - 1  # keys a query sees before it
     qc, kc, vc, pc, sc = (_chunks(x, m) for x in (q, k, v, positions, segments))
     if w:
         halo_k, halo_v, halo_p, halo_s = exchange_halos(
@@ -263,15 +264,10 @@ def _pair(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, scale, window, chunk):
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     spec = MaskSpec(causal=True, window=window, chunk=chunk, q_segment_ids=q_seg,
                     kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos)
-    s = jnp.where(dense_mask(spec, c, k.shape[1])[:, None, None], s, -jnp.inf)
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    p = jnp.exp(s - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    safe = jnp.where(denom == 0.0, 1.0, denom)
-    out = jnp.einsum("bkgts,bskd->btkgd", (p / safe).astype(v.dtype), v,
+    p, lse = masked_softmax(s, dense_mask(spec, c, k.shape[1])[:, None, None])
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
                      preferred_element_type=jnp.float32).reshape(b, c, h, d)
-    lse = jnp.where(denom == 0.0, NO_KEYS, row_max + jnp.log(safe))[..., 0]  # [B, Hkv, G, c]
+    lse = jnp.where(jnp.isfinite(lse), lse, NO_KEYS)  # [B, Hkv, G, c]
     return out, lse.reshape(b, h, c).transpose(0, 2, 1)
 
 

@@ -99,11 +99,23 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
         yield
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """The rows of a [global_rows, ...] batch that this process's devices hold under
+    `batch_sharding`, ascending: the rows it must load, in the order put_batch takes them.
+    Read from the sharding, not assumed to be a block per process (a mesh may interleave
+    processes' devices, or replicate rows across processes)."""
+    shape = (global_rows, mesh.shape["context"])
+    index = batch_sharding(mesh).addressable_devices_indices_map(shape)
+    blocks = sorted({(s[0].start or 0, s[0].stop or global_rows) for s in index.values()})
+    return np.concatenate([np.arange(a, b) for a, b in blocks])
+
+
 def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
               global_rows: int) -> dict[str, Any]:
     """This process's rows of each [rows, ...] array -> one global jax.Array per key.
 
-    Works unchanged on one host and many: every process passes only the rows it loaded.
+    Works unchanged on one host and many: every process passes only the rows it holds,
+    `process_rows(mesh, global_rows)`, in that order.
     """
     sharding = batch_sharding(mesh)
     return {key: jax.make_array_from_process_local_data(

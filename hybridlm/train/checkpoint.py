@@ -3,7 +3,8 @@
 One checkpoint directory `<checkpoint.dir>/<step>/` (default `<workdir>/checkpoints/`) holds
   state/   parameters, optimizer state and counters (step, updates applied, NaN streak):
            Orbax arrays, each process writing its own shards, asynchronously
-  data/    the data iterator state of every process (`process_<i>-of-<n>.json`)
+  data/    the data position in the global row stream (`position.json`, one for all
+           processes, so N processes' checkpoint resumes on M)
   config/  the resolved config (JSON)
 Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames on success, so a process killed
 mid-save leaves no half checkpoint behind; a checkpoint that is complete on disk but damaged
@@ -41,24 +42,33 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot continue this run; the message says what to do."""
 
 
-# ---- the data iterator's state, one JSON file per process ------------------------------
+# ---- the data position: one JSON file, the same for every process ----------------------
 class DataStateHandler(ocp.CheckpointHandler):
-    """One JSON file per process: each process's data iterator position."""
+    """The data pipeline's position in the global row stream (`data/position.json`).
 
-    @staticmethod
-    def _name() -> str:
-        return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    Every process holds the same position (the stream is global), so process 0 writes it
+    and every process reads it: a checkpoint written by N processes resumes on M.
+    """
+
+    FILE = "position.json"
 
     def save(self, directory, args: DataSave) -> None:
-        (directory / self._name()).write_text(json.dumps(args.state))
+        if jax.process_index() == 0:
+            (directory / self.FILE).write_text(json.dumps(args.state))
 
     def restore(self, directory, args: DataRestore | None = None) -> Any:
-        path = directory / self._name()
+        path = directory / self.FILE
         if not path.exists():
-            saved = sorted(p.name for p in directory.iterdir())
-            raise CheckpointError(f"{path} is missing (saved: {saved}): the checkpoint was "
-                                  "written by a different number of processes; resume with "
-                                  "the same number, or start a new stage with train.init_from")
+            old = sorted(p.name for p in directory.glob("process_*-of-*.json"))
+            if old:
+                raise CheckpointError(
+                    f"{directory} holds per-process data iterator states ({', '.join(old)}) "
+                    "from before batches became global; this version cannot continue that "
+                    "data stream. Resume it with the hybridlm that wrote it, or continue its "
+                    "weights and optimizer state in a new workdir with --config.train.init_from="
+                    f"{directory.parent} --config.train.init_from_opt_state=True (the data "
+                    "stream and step count start again)")
+            raise CheckpointError(f"{path} is missing (the checkpoint is incomplete)")
         return json.loads(path.read_text())
 
     def metadata(self, directory) -> None:

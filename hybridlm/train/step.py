@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from hybridlm.model.layers import constrain
-from hybridlm.ops.cross_entropy import chunked_cross_entropy
+from hybridlm.ops.cross_entropy import chunked_cross_entropy, softmax_cross_entropy
 
 Batch = dict[str, jax.Array]
 State = dict[str, Any]
@@ -33,14 +33,6 @@ State = dict[str, Any]
 # glibc's 32 MiB mmap threshold: larger buffers are mapped and page-faulted afresh on every
 # call (docs/performance.md).
 LOGITS_CHUNK_BYTES = {"cpu": 8 << 20, "default": 1 << 30}
-
-
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(cross-entropy, log Z) per position, in float32."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
 
 
 def loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float = 0.0,
@@ -63,7 +55,7 @@ def loss_sums(params, graphdef: nnx.GraphDef, batch: Batch, z_loss: float = 0.0,
             logit_scale=model.logit_scale, z_loss=z_loss, unroll=unroll)
         return objective, (ce_sum, jnp.sum(weights))
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    ce, log_z = token_losses(logits, batch["targets"])
+    ce, log_z, _ = softmax_cross_entropy(logits.astype(jnp.float32), batch["targets"])
     ce_sum = jnp.sum(ce * weights)
     objective = ce_sum + z_loss * jnp.sum(jnp.square(log_z) * weights) if z_loss else ce_sum
     return objective, (ce_sum, jnp.sum(weights))

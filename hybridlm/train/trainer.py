@@ -23,7 +23,13 @@ import optax
 from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
 from hybridlm.model import flops_per_token
-from hybridlm.parallel import activation_sharding, batch_sharding, put_batch, replicated
+from hybridlm.parallel import (
+    activation_sharding,
+    batch_sharding,
+    process_rows,
+    put_batch,
+    replicated,
+)
 from hybridlm.parallel.context import check_length, context_parallel, reorder_batch
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train import checkpoint as checkpoint_lib
@@ -94,11 +100,11 @@ def contract(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, mesh,
-             process_count: int) -> float | None:
-    """Mean validation cross-entropy over up to `steps` batches (None if there are none)."""
+             rows: int) -> float | None:
+    """Mean validation cross-entropy over up to `steps` global batches of `rows` rows (None
+    if there are none)."""
     totals = []
     for _, local in zip(range(steps), batches, strict=False):
-        rows = len(local["inputs"]) * process_count
         totals.append(eval_step(params, put_batch(contract(local), mesh, rows)))
     if not totals:
         return None
@@ -176,9 +182,10 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
         checkpoints = (checkpoint_lib.Checkpointer(cfg, workdir) if cfg.checkpoint.enabled
                        else NoCheckpoints())
 
-    # ---- data ----------------------------------------------------------------------
+    # ---- data: this process's rows of every global batch -----------------------------
+    rows, local_rows = t.batch_size, process_rows(mesh, t.batch_size)
     if train_iter is None:
-        train_iter = data_pipeline.make_train_iterator(cfg, process_index, process_count)
+        train_iter = data_pipeline.make_train_iterator(cfg, rows=local_rows)
 
     # ---- model, optimizer and state --------------------------------------------------
     model_cfg = config_lib.model_dict(cfg)
@@ -187,19 +194,19 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     layout = make_layout(graphdef, params_meta, tx, mesh)
     try:
         restored = checkpoints.restore(layout)
+        if restored is not None:  # the data position (refused if seq_len/packing changed)
+            state, data_state = restored
+            train_iter.set_state(data_state)
     except BaseException:  # e.g. a config that changes shapes: no save is pending
         checkpoints.close()
         raise
     if is_main:  # after the checkpoints accepted this config
         config_lib.save(cfg, workdir / "config.json")
-    if restored is not None:
-        state, data_state = restored
-        train_iter.set_state(data_state)
     start = 0 if restored is None else int(jax.device_get(state["step"]))
-    rows, first = t.batch_size, None
+    first = None
     if start < t.steps:  # check the pipeline's output before paying for any compile
         first = next(train_iter)
-        check_local_batch(first, rows // process_count, seq_len)
+        check_local_batch(first, len(local_rows), seq_len)
     if restored is None:
         state = init_state(model_cfg, tx, layout, t.seed)
         if stage_sources:
@@ -219,10 +226,13 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
               f"{'resuming at' if start else 'starting at'} step {start}", flush=True)
 
     def run_eval(params) -> float | None:
-        batches = (reorder_batch(b, mesh, cfg.mesh) for b in
-                   data_pipeline.make_eval_iterator(cfg, process_index, process_count))
-        with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
-            return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, process_count)
+        it = data_pipeline.make_eval_iterator(cfg, rows=local_rows)
+        batches = (reorder_batch(b, mesh, cfg.mesh) for b in it)
+        try:
+            with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+                return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, rows)
+        finally:
+            it.close()  # its reading thread
 
     # ---- loop ----------------------------------------------------------------------
     writer = MetricsWriter(workdir, t.steps, start, enabled=is_main)
@@ -277,4 +287,6 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
         preemption.uninstall()
         writer.close()
         checkpoints.close()
+        if hasattr(train_iter, "close"):  # reading threads or worker processes
+            train_iter.close()
     return history
