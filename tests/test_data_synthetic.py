@@ -18,7 +18,9 @@ from hybridlm.data.tokenizers import ByteTokenizer
     ("retrieval:", "retrieval:COUNT"), ("retrieval:x", "retrieval:COUNT"),
     ("retrieval:0", "retrieval:COUNT"), ("retrieval:10:64", "CHARS >= 256"),
     ("retrieval:10:256:niah_single:3", "retrieval:COUNT:CHARS:TASK"),
-    ("retrieval:10:256:niah_single+nosuch", "unknown task 'nosuch'")])
+    ("retrieval:10:256:niah_single+nosuch", "unknown task 'nosuch'"),
+    ("retrieval:10:64:repeat+niah_single", "CHARS >= 256"),
+    ("retrieval:10:8:repeat", "CHARS >= 16")])
 def test_bad_specs_name_the_source(spec, message):
     with pytest.raises(ConfigError, match=message):
         parse_sources(spec)
@@ -37,6 +39,17 @@ def test_documents_are_reproducible_and_end_with_their_answer():
             key, value = re.search(r"magic number for (\S+) is (\d+)\.", text).groups()
             assert text.endswith(f"The special magic number for {key} is {value}.")
             assert text.count(value) == 2  # the needle and the answer
+
+
+def test_repeat_documents_are_periodic_from_their_first_period():
+    """Every character after the first period equals the one a period earlier, and the
+    period is at most half the document: each is followed by at least one repeat."""
+    docs = list(synthetic.retrieval_documents(*synthetic.parse_spec("30:64:repeat")))
+    assert len(docs) == 30 and all(n.split("/")[1] == "repeat" for n, _ in docs)
+    for _, text in docs:
+        assert 15 <= len(text) <= 63 and set(text) <= set(synthetic.REPEAT_ALPHABET)
+        periods = [p for p in range(1, len(text)) if text[p:] == text[:-p]]
+        assert periods and periods[0] <= len(text) // 2, text
 
 
 def test_documents_use_train_content_only():

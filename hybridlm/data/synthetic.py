@@ -16,7 +16,14 @@ The haystack is stdlib text from files in the upper half of the name-hash range,
 Spec: `retrieval:COUNT[:CHARS[:TASKS]]`, COUNT documents of CHARS/4..CHARS characters, BOS
 counted (default 1024; keep it at most data.seq_len so that a question is not cut from its
 context or its answer), of the tasks TASKS ('+'-separated, default the five retrieval
-tasks; `copy` adds text that ends repeating a span of it) in turn.
+tasks; `copy` adds text that ends repeating a span of it, `repeat` a random string of letters
+and digits repeated to the length) in turn.
+
+`repeat` is induction practice with the densest signal: after its first period every
+character is predictable only by looking back for where the current context occurred and
+copying what followed, the circuit a needle's answer needs. On 2 CPU cores a model learns it
+within minutes from short rows (`retrieval:COUNT:64:repeat` at data.seq_len 64, where a
+needle does not fit), then learns needles at the training length from those weights.
 """
 
 from __future__ import annotations
@@ -29,13 +36,15 @@ import numpy as np
 from hybridlm.config import ConfigError
 from hybridlm.data.retrieval_text import as_document, fitted_sample, haystack_ids
 
-FORMAT = 3  # part of the source's cache key: a change to the documents bumps it
+FORMAT = 4  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
-TASKS = (*TRAIN_TASKS, "copy")  # `copy` on request only: text that ends repeating a span of it
+TASKS = (*TRAIN_TASKS, "copy", "repeat")  # the last two on request only: induction practice
 COPY_SPAN = (24, 96)  # characters repeated at the end of a `copy` document
 DEFAULT_CHARS = 1024
 MIN_CHARS = 256  # a single needle, its question and answer fit; several need ~340
+MIN_REPEAT_CHARS = 16  # `repeat` alone: a string of 4+ characters, repeated
+REPEAT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
 
 
@@ -49,10 +58,11 @@ def parse_spec(location: str) -> tuple[int, int, tuple[str, ...]]:
     except (ValueError, IndexError):
         count = chars = -1
     tasks = tuple(parts[2].split("+")) if len(parts) > 2 else TRAIN_TASKS
-    if len(parts) > 3 or count < 1 or chars < MIN_CHARS:
+    min_chars = MIN_REPEAT_CHARS if set(tasks) == {"repeat"} else MIN_CHARS
+    if len(parts) > 3 or count < 1 or chars < min_chars:
         raise ConfigError(f"data.source 'retrieval:{location}': write retrieval:COUNT, "
                           f"retrieval:COUNT:CHARS or retrieval:COUNT:CHARS:TASK+TASK with "
-                          f"COUNT >= 1 documents and CHARS >= {MIN_CHARS} characters each at "
+                          f"COUNT >= 1 documents and CHARS >= {min_chars} characters each at "
                           "most")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -102,6 +112,14 @@ def copy_document(haystack: np.ndarray, length: int, depth: float,
     return np.concatenate([text, CharCodec().encode("\n"), text[start:start + span]])
 
 
+def repeat_document(length: int, rng: np.random.Generator) -> np.ndarray:
+    """`length` characters: a random string of letters and digits (a sixth to a half of the
+    length) repeated; after its first period each character follows from looking back."""
+    period = int(rng.integers(max(length // 6, 4), max(length // 2, 4) + 1))
+    alphabet = CharCodec().encode(REPEAT_ALPHABET)
+    return np.resize(rng.choice(alphabet, size=period), length)
+
+
 def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRAIN_TASKS,
                         seed: int = 0) -> Iterator[tuple[str, str]]:
     """(name, text) of `count` retrieval documents, each a task prompt plus its answer, of
@@ -115,9 +133,13 @@ def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRA
         depth = float(rng.uniform())
         for k in range(len(tasks)):  # the task in turn, or the next one that fits
             task = tasks[(i + k) % len(tasks)]
-            ids = copy_document(haystack, length, depth, rng) if task == "copy" else \
-                as_document(fitted_sample(task, codec, haystack, length, depth, [seed, i, 1],
-                                          "train"), codec)
+            if task == "repeat":
+                ids = repeat_document(length, rng)
+            elif task == "copy":
+                ids = copy_document(haystack, length, depth, rng)
+            else:
+                ids = as_document(fitted_sample(task, codec, haystack, length, depth,
+                                                [seed, i, 1], "train"), codec)
             if len(ids) < max_chars:
                 break
         yield f"retrieval/{task}/{i:07d}", codec.decode(ids)
