@@ -5,79 +5,99 @@
     hybridlm sweep --sweep configs/experiments/paper_mini.py --root runs/mini --summarize \
         --report docs/experiments.md
 
-Every variant trains `seeds` times (points `<variant>_s<seed>`: seeds change the parameters
-and the data order) at `seq_len` on the same mixture: the built-in corpus plus synthetic
-retrieval documents in the evaluation's format (hybridlm/data/synthetic.py, training-split
-keys and values only). Then the paper's context-extension stage (points
-`<variant>_ext_s<seed>`): from the trained parameters (train.init_from), `ext_steps` more
-steps at `ext_factor` x seq_len, with RoPE theta raised to `ext_theta` for the full-attention
-RoPE layers (the paper raises the RoPE baseline's theta for long context; RNoPE-SWA's RoPE
-layers keep theta, as their window does not grow). Each point then evaluates itself at 1x,
-2x, 4x and 8x seq_len (needles with held-out and training-range values, RULER-style tasks,
-held-out loss by length) and runs the attention analysis at 1x and 4x. `--jobs 2` runs two
-chains (a point and its extension) at a time, one per core of a 2-core CPU.
+Every variant trains `seeds` times (seeds change the parameters and the data order) as a
+chain of stages, each starting from the previous one's parameters (train.init_from):
 
-The defaults are the CPU miniature: a 1.1M-parameter model (d_model 128, 4 layers of 4 x 32
-heads, byte vocabulary) that learns to retrieve within ~10 minutes of one core; see
-docs/experiments.md for the recipe, its evidence and wall times. A GPU/TPU runs the same
-comparison at scale with `size=` one of hybridlm/config.py MODEL_SIZES, e.g.
+1. `<variant>_warm_s<seed>`: induction practice, `warm_steps` steps at `warm_len` tokens on
+   random strings repeated (`retrieval:COUNT:CHARS:repeat`). A model this small trained on
+   needles alone sits on the loss plateau that precedes copying for thousands of steps (it
+   answers the most common number); short rows of pure repetition give the look-back-and-copy
+   circuit the densest signal for the least compute.
+2. `<variant>_s<seed>`: `steps` steps at `seq_len` on the built-in corpus plus single-needle
+   documents in the evaluation's format and repeats (hybridlm/data/synthetic.py, training-split
+   keys and values only). Evaluated at 1x, 2x, 4x and 8x seq_len: needles with held-out and
+   training-range values, RULER-style tasks, held-out loss by length, and the attention
+   analysis at 1x and 4x.
+3. `<variant>_ext_s<seed>` (when ext_steps > 0): the paper's context-extension stage,
+   `ext_steps` more steps at `ext_factor` x seq_len, with RoPE theta raised to `ext_theta` for
+   the full-attention RoPE layers (RNoPE-SWA's RoPE layers keep theta: their window does not
+   grow), then the same evaluations.
+
+`--jobs 2` runs two chains at a time, one per core of a 2-core CPU. The defaults are the CPU
+miniature (a 0.2M-parameter model: d_model 64, 4 layers of 4 x 16 heads, byte vocabulary);
+docs/experiments.md has its numbers and wall times. A GPU/TPU runs the same comparison at
+scale with `size=` one of hybridlm/config.py MODEL_SIZES, e.g.
 
     --sweep configs/experiments/paper_mini.py:size=150m,seq_len=8192,window=1024,steps=20000
 
 Arguments: variants ('+'-separated), seeds, size ('mini' or a MODEL_SIZES name), seq_len,
-window, steps, batch, lr, retrieval (share of retrieval documents, 0..1), ext_factor,
-ext_steps, ext_theta, ext_lr.
+window, steps, batch, lr, warm_len, warm_steps, warm_batch, needles (share of needle
+documents in stage 2), repeats (share of repeat documents in stage 2), ext_factor,
+ext_steps (0: no extension stage), ext_theta, ext_lr, samples (needles per depth and length).
 """
 
 from hybridlm.config import parse_arg
 
 VARIANTS = "rope+rnope_swa"
 BASE_THETA = 10_000.0  # configs/paper.py's RoPE theta
-MINI = {"model.d_model": 128, "model.num_heads": 4, "model.num_kv_heads": 4,
-        "model.head_dim": 32, "model.mlp_dim": 512, "model.vocab_size": 260}
+MINI = {"model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 4,
+        "model.head_dim": 16, "model.mlp_dim": 256, "model.vocab_size": 260}
+DOCUMENTS = 20_000  # synthetic documents per source (more than a miniature reads)
 
 
-def evaluations(seq_len: int) -> list[list[str]]:
-    """Needles (100 per length: +-0.1 intervals), RULER, held-out loss, attention analysis."""
+def evaluations(seq_len: int, samples: int) -> list[list[str]]:
+    """Needles (5 depths x `samples` per length), RULER, held-out loss, attention analysis."""
     lengths = ",".join(str(seq_len * k) for k in (1, 2, 4, 8))
-    return [["eval", "--task", "niah", "--lengths", lengths, "--quiet"],
-            ["eval", "--task", "ruler", "--lengths", lengths, "--samples", "4", "--quiet"],
+    return [["eval", "--task", "niah", "--lengths", lengths, "--samples", str(samples),
+             "--quiet"],
+            ["eval", "--task", "ruler", "--lengths", lengths, "--samples", "1", "--quiet"],
             ["eval", "--task", "ppl", "--lengths", lengths, "--quiet"],
             ["analyze", "--lengths", f"{seq_len},{seq_len * 4}", "--quiet"]]
 
 
 def get_sweep(arg=None):
-    arg = parse_arg(arg, variants=VARIANTS, seeds=3, size="mini", seq_len=512, window=64,
-                    steps=600, batch=8, lr=3e-3, retrieval=0.8, ext_factor=4, ext_steps=100,
-                    ext_theta=100_000.0, ext_lr=1e-3)
-    ext_len = arg.seq_len * arg.ext_factor
+    arg = parse_arg(arg, variants=VARIANTS, seeds=2, size="mini", seq_len=256, window=64,
+                    steps=1200, batch=8, lr=3e-3, warm_len=64, warm_steps=3000, warm_batch=16,
+                    needles=0.6, repeats=0.25, ext_factor=4, ext_steps=0,
+                    ext_theta=100_000.0, ext_lr=1e-3, samples=20)
     size = MINI if arg.size == "mini" else {}
     config = (f"configs/paper.py:size={'tiny' if arg.size == 'mini' else arg.size},"
               f"window={arg.window}")
-    weights = f"{1 - arg.retrieval:g},{arg.retrieval:g}"
-    mixture = {"data.source": f"stdlib,retrieval:20000:{arg.seq_len}", "data.weights": weights}
-    ext_mixture = {"data.source": f"stdlib,retrieval:5000:{ext_len}", "data.weights": weights}
+    common = {**size, "eval.steps": 4, "eval.every": 0, "checkpoint.every": 0, "log.every": 50}
+
+    def mixture(length: int) -> dict:
+        text = 1 - arg.needles - arg.repeats
+        return {"data.source": f"stdlib,retrieval:{DOCUMENTS}:{length}:niah_single,"
+                               f"retrieval:{DOCUMENTS}:{length}:repeat",
+                "data.weights": f"{text:g},{arg.needles:g},{arg.repeats:g}"}
+
     points = []
     for variant in arg.variants.split("+"):
         for seed in range(arg.seeds):
-            base = f"{variant}_s{seed}"
+            warm, base = f"{variant}_warm_s{seed}", f"{variant}_s{seed}"
             points.append({
-                "name": base,
+                "name": warm, "config": f"{config},variant={variant},seq_len={arg.warm_len}",
+                **common, "data.source": f"retrieval:{DOCUMENTS}:{arg.warm_len}:repeat",
+                "train.steps": arg.warm_steps, "train.batch_size": arg.warm_batch,
+                "train.learning_rate": arg.lr, "train.warmup_steps": 30, "train.seed": seed})
+            points.append({
+                "name": base, "init_from": warm,
                 "config": f"{config},variant={variant},seq_len={arg.seq_len}",
-                **size, **mixture,
+                **common, **mixture(arg.seq_len),
                 "train.steps": arg.steps, "train.batch_size": arg.batch,
-                "train.learning_rate": arg.lr, "train.warmup_steps": max(arg.steps // 20, 1),
-                "train.seed": seed, "eval.steps": 4, "checkpoint.every": 0,
-                "after": evaluations(arg.seq_len)})
+                "train.learning_rate": arg.lr, "train.warmup_steps": 30, "train.seed": seed,
+                "after": evaluations(arg.seq_len, arg.samples)})
+            if arg.ext_steps <= 0:
+                continue
+            ext_len = arg.seq_len * arg.ext_factor
             theta = arg.ext_theta if variant != "rnope_swa" else BASE_THETA
             points.append({
                 "name": f"{variant}_ext_s{seed}", "init_from": base,
                 "config": f"{config},variant={variant},seq_len={ext_len},theta={theta}",
-                **size, **ext_mixture,
+                **common, **mixture(ext_len),
                 "train.steps": arg.ext_steps,
                 "train.batch_size": max(arg.batch // arg.ext_factor, 1),
                 "train.learning_rate": arg.ext_lr,
                 "train.warmup_steps": max(arg.ext_steps // 10, 1),
-                "train.seed": seed, "eval.steps": 4, "checkpoint.every": 0,
-                "after": evaluations(arg.seq_len)})
+                "train.seed": seed, "after": evaluations(arg.seq_len, arg.samples)})
     return points

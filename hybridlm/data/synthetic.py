@@ -29,6 +29,7 @@ needle does not fit), then learns needles at the training length from those weig
 from __future__ import annotations
 
 import functools
+import string
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,7 +45,7 @@ COPY_SPAN = (24, 96)  # characters repeated at the end of a `copy` document
 DEFAULT_CHARS = 1024
 MIN_CHARS = 256  # a single needle, its question and answer fit; several need ~340
 MIN_REPEAT_CHARS = 16  # `repeat` alone: a string of 4+ characters, repeated
-REPEAT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+REPEAT_ALPHABET = string.ascii_letters + string.digits  # 62: few repeats within a period
 HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
 
 
