@@ -86,6 +86,19 @@ def test_report_tables_plots_and_markers(tmp_path):
     assert out.read_text() == text
 
 
+def test_training_length_is_the_evaluated_points_not_a_warm_stage(tmp_path):
+    """A chain's first stage (shorter rows, no evaluations) does not set the marked length."""
+    root = tmp_path / "sweep"
+    warm = root / "rope_warm_s0"
+    warm.mkdir(parents=True)
+    (warm / "config.json").write_text(json.dumps({"data": {"seq_len": 64}, "model": MODEL}))
+    (warm / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 4.0}) + "\n")
+    _point(root, "rope_s0", 2.5, 2.75, 0.5, 0.0625)
+    out = tmp_path / "exp.md"
+    write_report(root, ["rope_warm_s0", "rope_s0"], out, "test sweep")
+    assert "| point | 128 (train) | 256 |" in out.read_text()
+
+
 def test_report_needs_summarize(tmp_path, capsys):
     assert cli.main(["sweep", "--sweep", "configs/experiments/paper_mini.py", "--launcher",
                      "print", "--root", str(tmp_path), "--report", "x.md"]) == 2

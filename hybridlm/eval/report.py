@@ -300,8 +300,9 @@ def write_report(root: Path, names: Sequence[str], out: Path, title: str) -> Pat
     root, out = Path(root), Path(out)
     img = out.parent / "img" / out.stem
     img.mkdir(parents=True, exist_ok=True)
-    cfg = _json(root / names[0] / "config.json") if names else None
-    train_len = cfg["data"]["seq_len"] if cfg else 0
+    evaluated = [n for n in names if any((root / n / "eval").glob("*.json"))] or list(names)
+    cfg = _json(root / evaluated[0] / "config.json") if evaluated else None
+    train_len = cfg["data"]["seq_len"] if cfg else 0  # of the evaluated points, not a warm stage
     sections, images = [f"_{title}_\n"], []
     for text, made in (_training(root, names, img), _evaluations(root, names, train_len, img),
                        _attention(root, names, img)):
