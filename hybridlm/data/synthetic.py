@@ -127,7 +127,8 @@ def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRA
     max_chars/4..max_chars characters with the BOS that prepare puts first (so with
     max_chars = data.seq_len a document fills at most one row: never cut). Tasks take turns;
     one whose needles and question alone are longer than that gives way to the next."""
-    codec, haystack = CharCodec(), haystack_chars()
+    codec = CharCodec()
+    haystack = haystack_chars() if set(tasks) - {"repeat"} else None  # repeats need no text
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         length = int(rng.integers(max_chars // 4, max_chars + 1)) - 1  # the BOS comes first
