@@ -89,6 +89,7 @@ def train_step_costs(args) -> list[dict]:
     from flax import nnx
 
     from hybridlm.model import Transformer
+    from hybridlm.model.attention import config_tiles
     from hybridlm.train.step import make_train_step
 
     t, rows = args.step_length, []
@@ -108,9 +109,10 @@ def train_step_costs(args) -> list[dict]:
             graphdef, params = nnx.split(abstract, nnx.Param)
             tx = optax.adamw(1e-3)
             tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-            cost = compiled_cost(make_train_step(graphdef, tx),
-                                 (params, jax.eval_shape(tx.init, params)),
-                                 {"inputs": tokens, "targets": tokens})
+            with ops.kernel_tiles(*config_tiles(model_cfg)):  # as the trainer traces it
+                cost = compiled_cost(make_train_step(graphdef, tx),
+                                     (params, jax.eval_shape(tx.init, params)),
+                                     {"inputs": tokens, "targets": tokens})
             rows.append({"impl": impl, "variant": variant, "T": t, **cost})
             print(f"  train step {impl} {variant}: {time.perf_counter() - start:.0f} s",
                   flush=True)

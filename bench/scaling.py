@@ -3,10 +3,14 @@ FLOPs per step, against the analytic count. Writes JSON and the table in docs/sc
 
     python bench/scaling.py                                   # the table in docs/scaling.md
     python bench/scaling.py --points rope:131072:v5p:4x4x8    # one point, printed only
+    python bench/scaling.py --points rnope_swa:262144:v5p:4x4x8+context=4 --doc ''
 
-Every point is `hybridlm compile` of `configs/paper.py:variant=V,size=8b,seq_len=T` with
+Every point is `hybridlm compile` of `configs/paper.py:variant=V,size=8b,seq_len=T` (`--size`
+for another) with
 bfloat16 activations, full rematerialisation, AdamW, fully sharded data parallelism over
-the whole slice (mesh.data=1, mesh.fsdp=-1) and one sequence per device. Needs libtpu
+the whole slice (mesh.data=1, mesh.fsdp=-1) and one sequence per device; a point ending
+in `+context=N` splits each sequence over N devices (mesh.context=N, one sequence per N
+devices, fsdp over the rest). Needs libtpu
 (`pip install 'hybridlm[tpu]'`); each point compiles in a subprocess (libtpu's compiler
 keeps memory between compiles).
 """
@@ -30,7 +34,8 @@ BEGIN, END = "<!-- scaling table: begin -->", "<!-- scaling table: end -->"
 GIB = 2**30
 
 
-def compile_point(variant: str, seq_len: int, topology: str, remat: str, mfu: float) -> dict:
+def compile_point(variant: str, seq_len: int, topology: str, remat: str, mfu: float,
+                  context: int = 1, size: str = "8b") -> dict:
     """One compile in this process; returns the report as a dict."""
     import jax
 
@@ -40,25 +45,33 @@ def compile_point(variant: str, seq_len: int, topology: str, remat: str, mfu: fl
 
     topo = aot.parse_topology(topology)
     devices = aot.tpu_devices(topo)
-    cfg = config_lib.load(f"configs/paper.py:variant={variant},size=8b,seq_len={seq_len}", [
+    cfg = config_lib.load(f"configs/paper.py:variant={variant},size={size},seq_len={seq_len}", [
         "model.dtype=bfloat16", f"model.remat={remat}", "mesh.data=1", "mesh.fsdp=-1",
-        f"train.batch_size={len(devices)}", "model.attention_block_q=512",
-        "model.attention_block_kv=512"])
+        f"mesh.context={context}", f"train.batch_size={len(devices) // context}",
+        "model.attention_block_q=512", "model.attention_block_kv=512"])
     start = time.perf_counter()
     report = aot.compile_for(cfg, topo, mfu=mfu, devices=devices)
     out = report.as_dict(topo.peak_flops_per_chip)
-    out.update(variant=variant, compile_s=time.perf_counter() - start)
+    out.update(variant=variant, size=size, compile_s=time.perf_counter() - start)
     return out
 
 
-def run_point(point: str, remat: str, mfu: float) -> dict:
-    variant, seq_len, topology = point.split(":", 2)
-    cmd = [sys.executable, __file__, "--_one", point, "--remat", remat, "--mfu", str(mfu)]
+def parse_point(point: str) -> tuple[str, int, str, int]:
+    """'variant:seq_len:topology[+context=N]' -> (variant, seq_len, topology, context)."""
+    base, _, option = point.partition("+context=")
+    variant, seq_len, topology = base.split(":", 2)
+    return variant, int(seq_len), topology, int(option or 1)
+
+
+def run_point(point: str, remat: str, mfu: float, size: str = "8b") -> dict:
+    variant, seq_len, topology, _ = parse_point(point)
+    cmd = [sys.executable, __file__, "--_one", point, "--remat", remat, "--mfu", str(mfu),
+           "--size", size]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-3:]
-        return {"variant": variant, "seq_len": int(seq_len), "topology": topology,
+        return {"variant": variant, "seq_len": seq_len, "topology": topology,
                 "error": " / ".join(tail)}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -69,7 +82,10 @@ def row(r: dict) -> str:
                f"{r['error'][:120]} |" + " |" * 8
     g = lambda b: f"{b / GIB:.1f}"
     star = "" if r.get("compiled", True) else "*"  # the compiler stopped: its out-of-HBM figure
-    return (f"| {r['variant']} | {r['seq_len'] // 1024}k | {r['topology']} ({r['devices']}) "
+    context = r["mesh"].get("context", 1)
+    split = f", context {context}" if context > 1 else ""
+    return (f"| {r['variant']} | {r['seq_len'] // 1024}k | {r['topology']} ({r['devices']}"
+            f"{split}) "
             f"| {'yes' if r['fits'] else '**no**'} | {g(r['param_bytes'] + r['opt_bytes'])} "
             f"| {g(r['temp_bytes'])}{star} | {g(r['peak_bytes'])}{star} / {g(r['hbm_bytes'])} "
             f"| {r['analytic_flops_per_step'] / 1e15:.1f} "
@@ -93,7 +109,7 @@ def attention_flops(r: dict) -> float:
     from hybridlm import config as config_lib
     from hybridlm.model.flops import attention_flops_per_token
 
-    cfg = config_lib.load(f"configs/paper.py:variant={r['variant']},size=8b,"
+    cfg = config_lib.load(f"configs/paper.py:variant={r['variant']},size={r.get('size', '8b')},"
                           f"seq_len={r['seq_len']}")
     return attention_flops_per_token(config_lib.model_dict(cfg), r["seq_len"]) * \
         r["tokens_per_step"]
@@ -102,15 +118,18 @@ def attention_flops(r: dict) -> float:
 def comparisons(results: list[dict]) -> list[str]:
     """rnope_swa against rope at the same length and slice: measured and analytic ratios."""
     lines = []
-    by_key = {(r["variant"], r["seq_len"], r["topology"]): r for r in results if "error" not in r}
-    for (variant, seq_len, topology), swa in sorted(by_key.items()):
-        rope = by_key.get(("rope", seq_len, topology))
+    by_key = {(r["variant"], r["seq_len"], r["topology"], r["mesh"]["context"]): r
+              for r in results if "error" not in r}
+    for (variant, seq_len, topology, context), swa in sorted(by_key.items()):
+        rope = by_key.get(("rope", seq_len, topology, context))
         if variant != "rnope_swa" or rope is None:
             continue
         ratio = lambda key, swa=swa, rope=rope: swa[key] / rope[key]
         both = swa.get("compiled", True) and rope.get("compiled", True)
         lines.append(
-            f"- {seq_len // 1024}k on {topology}, rnope_swa / rope: attention FLOPs "
+            f"- {seq_len // 1024}k on {topology}"
+            + (f" (context {context})" if context > 1 else "")
+            + ", rnope_swa / rope: attention FLOPs "
             f"{ratio('kernel_flops_per_step'):.3f} in splash's block map vs "
             f"{attention_flops(swa) / attention_flops(rope):.3f} analytic; step FLOPs "
             f"{ratio('analytic_flops_per_step'):.3f} analytic; XLA's FLOPs outside the kernel "
@@ -134,6 +153,7 @@ def main() -> None:
     parser.add_argument("--points", default=",".join(DEFAULT_POINTS),
                         help="comma-separated variant:seq_len:topology")
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--size", default="8b", help="configs/paper.py size (default: 8b)")
     parser.add_argument("--mfu", type=float, default=0.4)
     parser.add_argument("--out", default=str(ROOT / "bench/results/scaling.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs/scaling.md"),
@@ -144,13 +164,15 @@ def main() -> None:
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:  # the subprocess: one compile, JSON on the last line
-        variant, seq_len, topology = args._one.split(":", 2)
-        print(json.dumps(compile_point(variant, int(seq_len), topology, args.remat, args.mfu)))
+        variant, seq_len, topology, context = parse_point(args._one)
+        print(json.dumps(compile_point(variant, seq_len, topology, args.remat, args.mfu,
+                                       context, args.size)))
         return
     points = args.points.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     meta = {"date": datetime.date.today().isoformat(), "commit": commit, "remat": args.remat,
+            "size": args.size,
             "mfu": args.mfu, "machine": f"{os.cpu_count()}-core CPU, libtpu compile only"}
     results, start = [], time.perf_counter()
     if args.collect:
@@ -161,7 +183,7 @@ def main() -> None:
         args.points = ",".join(f"{r['variant']}:{r['seq_len']}:{r['topology']}" for r in results)
     print(HEADER, flush=True)
     for i, point in enumerate(points):
-        results.append(run_point(point, args.remat, args.mfu))
+        results.append(run_point(point, args.remat, args.mfu, args.size))
         print(row(results[-1]), flush=True)
         elapsed = time.perf_counter() - start
         print(f"  [{i + 1}/{len(points)}] {elapsed:.0f} s, ETA "

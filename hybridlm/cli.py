@@ -9,12 +9,17 @@
     hybridlm import --from HF_DIR --out DIR
     hybridlm compile [--config ...] --topology v5p:4x4x8 [--mfu 0.4] [--json FILE]
     hybridlm sweep --sweep FILE[:args] --launcher local|slurm|print [--root DIR] [--summarize]
+    hybridlm sweep --sweep FILE[:args] --status [--root DIR]
 
-`train` takes the multi-host flags (`--coordinator HOST:PORT --num_processes N
---process_id I`, see hybridlm/parallel/distributed.py and docs/launching.md).
+`train`, `eval`, `analyze` and `generate` take the multi-host flags (`--coordinator HOST:PORT
+--num_processes N --process_id I`, see hybridlm/parallel/distributed.py and
+docs/launching.md).
 
-A user mistake (bad config, missing file) exits with status 2 and one paragraph on stderr,
-never a traceback.
+Every error a user can meet is a class of hybridlm/errors.py, and `main` is the one place
+that turns them into one paragraph on stderr and an exit status, never a traceback: 2 for a
+mistake (bad config, missing file, busy workdir), 1 for a run that stopped (NaN streak, a
+failed save, processes that cannot connect), 128 + the signal for Ctrl-C / SIGTERM before
+training began.
 """
 
 from __future__ import annotations
@@ -23,18 +28,21 @@ import argparse
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # `python -m hybridlm.cli`: huge pages first, before jax loads
-    from hybridlm import hugepages
+if __name__ == "__main__":  # `python -m hybridlm.cli`: the same as `python -m hybridlm`,
+    from hybridlm.__main__ import main as _main  # so this file never runs as __main__
 
-    hugepages.reexec(["-m", "hybridlm.cli", *sys.argv[1:]])
+    _main()
 
 from hybridlm import config as config_lib  # noqa: E402
-from hybridlm.eval import cli as eval_cli
-from hybridlm.parallel import distributed
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed without a traceback."""
+from hybridlm.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    RunStopped,
+    UserError,
+)
+from hybridlm.eval import cli as eval_cli  # noqa: E402
+from hybridlm.parallel import distributed  # noqa: E402
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -68,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", default=None,
                        help="where the run writes config.json, metrics.jsonl, tb/ "
                        "(default runs/<config name>)")
+    train.add_argument("--restart", action="store_true",
+                       help="the workdir holds a run this one would not resume: move that run "
+                       "aside to WORKDIR.old-<time>/ (nothing is deleted) and start afresh")
     distributed.add_cli_flags(train)
     prepare = sub.add_parser(
         "prepare", help="tokenise data.source into ArrayRecord shards plus a manifest",
@@ -126,19 +137,16 @@ def _add_export_parser(sub) -> None:
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
     if args.format == "hf":
         return export_hf(args)
     import jax  # heavy imports after the arguments are checked
     from flax import nnx
 
-    from hybridlm.train.checkpoint import CheckpointError, export_params, load_model
+    from hybridlm.train.checkpoint import export_params, load_model
 
-    try:
-        cfg, model, step = load_model(Path(args.workdir), args.step)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    cfg, model, step = load_model(Path(args.workdir), args.step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     export_params(cfg, params, out, step)
     count = sum(x.size for x in jax.tree.leaves(params))
@@ -149,12 +157,8 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 # ---- Hugging Face: export --format hf, import (docs/interop.md) ----------------------------
 def export_hf(args: argparse.Namespace) -> int:
     from hybridlm.interop import hf
-    from hybridlm.train.checkpoint import CheckpointError
 
-    try:
-        arch = hf.export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    arch = hf.export_hf(Path(args.workdir), Path(args.out), args.step, args.arch)
     print(f"exported {args.workdir} as {hf.hf_config.ARCHS[arch][0]} to {args.out}")
     return 0
 
@@ -210,8 +214,9 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
             print(prepare.summary(p))
         return 0
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; remove it or choose another")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "empty" if out.is_dir() else "a directory"
+        raise UserError(f"--out {out} exists and is not {what}; remove it or choose another")
     p = prepare.prepare_to(cfg.data, out, progress=progress)
     print(prepare.summary(p))
     print(f"train on it with --config.data.source={out}")
@@ -222,18 +227,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = config_lib.load(args.config, overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config.split(":")[0]).stem)
     joined = distributed.start(args, config_lib.to_json(cfg))  # before touching a device
-    from hybridlm.train.checkpoint import CheckpointError  # heavy imports after validation
-    from hybridlm.train.trainer import NonFiniteLoss, train
+    from hybridlm.train.trainer import train  # heavy imports after validation
 
     if joined.process_id == 0:
         print(f"training {args.config} in {workdir}", flush=True)
-    try:
-        train(cfg, workdir)
-    except NonFiniteLoss as e:
-        print(f"hybridlm: training stopped: {e}", file=sys.stderr)
-        return 1
-    except CheckpointError as e:  # e.g. a config that changes shapes against the checkpoints
-        raise UserError(str(e)) from None
+    train(cfg, workdir, restart=args.restart)
     return 0
 
 
@@ -264,6 +262,10 @@ def _add_sweep_parser(sub) -> None:
                        help="gather every point's final metrics and eval results into "
                        "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
                        "both are given)")
+    sweep.add_argument("--status", action="store_true",
+                       help="print each point's state (done / running / stopped / failed / "
+                       "pending), last step and loss, and the ETA, read from the workdirs "
+                       "(while points run, from any host that sees --root)")
     sweep.add_argument("--report", default=None, metavar="FILE.md",
                        help="with --summarize: also write a comparison report (tables of "
                        "losses, needle / RULER scores and attention mass by length, PNG plots "
@@ -273,12 +275,17 @@ def _add_sweep_parser(sub) -> None:
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from hybridlm import sweep
 
-    if args.launcher is None and not args.summarize:
-        raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize, or both")
+    if args.launcher is None and not args.summarize and not args.status:
+        raise UserError("hybridlm sweep needs --launcher local|slurm|print, --summarize or "
+                        "--status (or several)")
     if args.report and not args.summarize:
         raise UserError("--report FILE.md needs --summarize (the report is written after it)")
     root = Path(args.root or Path("runs") / Path(args.sweep.partition(":")[0]).stem)
     extra = [f"--config.{o}" for o in overrides]
+    if args.status:
+        from hybridlm.sweep_status import format_status, status
+
+        print(format_status(args.sweep, root, status(args.sweep, root, extra)), flush=True)
     if args.launcher is not None:
         status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only,
                            jobs=args.jobs)
@@ -334,13 +341,18 @@ def main(argv: list[str] | None = None) -> int:
                     "import": cmd_import, "sweep": cmd_sweep, "compile": cmd_compile,
                     **eval_cli.COMMANDS}
         return commands[args.command](args, overrides)
-    except (UserError, config_lib.ConfigError) as e:
+    except (UserError, ConfigError, CheckpointError) as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"hybridlm: training stopped: {e}", file=sys.stderr)
+        return 1
     except distributed.DistributedError as e:
         print(f"hybridlm: error: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    except Interrupted as e:
+        print(f"hybridlm: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("hybridlm: interrupted (SIGINT)", file=sys.stderr)
+        return 130

@@ -17,12 +17,14 @@ import ast
 import difflib
 import importlib.util
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
 
+from hybridlm.errors import ConfigError  # also hybridlm.config.ConfigError, as configs use
 from hybridlm.model.pattern import (
     LAYER_FIELDS,
     QK_NORMS,
@@ -34,10 +36,6 @@ from hybridlm.model.pattern import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny.py"
 BYTE_VOCAB = 260  # 256 bytes + EOS, PAD, UNK, BOS: see hybridlm/data/tokenizers.py
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config: the message names the field and what to do."""
 
 
 def defaults() -> mlc.ConfigDict:
@@ -204,10 +202,28 @@ def load_function(spec: str, name: str):
     path = resolve_config_path(path_str)
     module_spec = importlib.util.spec_from_file_location(f"hybridlm_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever the file's own code raises)
+        raise ConfigError(f"{path}:{_line_in(e, path)}: {type(e).__name__}: {e}") from None
     if not hasattr(module, name):
         raise ConfigError(f"{path} has no {name}(arg) function")
     return getattr(module, name), arg or None, path
+
+
+def _line_in(error: BaseException, path: Path) -> int | str:
+    """The line of `path` where `error` was raised (the innermost frame in that file)."""
+    line: int | str = "?"
+    tb = error.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def from_file(spec: str) -> mlc.ConfigDict:
@@ -481,7 +497,11 @@ def to_json(cfg: mlc.ConfigDict) -> str:
 
 
 def save(cfg: mlc.ConfigDict, path: str | Path) -> None:
-    Path(path).write_text(to_json(cfg) + "\n")
+    """Write the resolved config as JSON, atomically (a new file renamed over the old)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(to_json(cfg) + "\n")
+    os.replace(tmp, path)
 
 
 def from_json(text: str) -> mlc.ConfigDict:

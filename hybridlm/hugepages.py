@@ -6,7 +6,7 @@ on every call. glibc serves such sizes with fresh mmaps, and the kernel then fau
 model on a 2-core machine. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35)
 malloc asks for 2 MB pages instead: the faults vanish and the step runs ~10-15% faster
 (docs/performance.md). A tunable is read when the process starts, so the entry point
-re-executes itself once with it set. Nothing here imports jax.
+re-executes itself once with it set (hybridlm/__main__.py). Nothing here imports jax.
 
 Off with HYBRIDLM_HUGE_PAGES=0; skipped where it cannot apply (not Linux, not glibc,
 glibc older than 2.35, transparent huge pages disabled, or the tunable already set).
@@ -52,8 +52,8 @@ def reexec(argv: Sequence[str]) -> None:
 
 
 def main() -> None:
-    """The `hybridlm` console script: huge pages, then `hybridlm.cli`."""
-    reexec(["-m", "hybridlm.cli", *sys.argv[1:]])
-    from hybridlm.cli import main as cli_main
+    """The console script of installs made before it became `hybridlm.__main__:main`: runs
+    `python -m hybridlm` in this process (which re-executes itself, if it applies)."""
+    import runpy
 
-    sys.exit(cli_main())
+    runpy.run_module("hybridlm", run_name="__main__", alter_sys=True)

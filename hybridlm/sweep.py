@@ -11,24 +11,29 @@ which runs in order. Launchers:
   local  run the chains here, `jobs` of them at a time; finished points are skipped and
          interrupted ones resume from their checkpoints
   slurm  write a job-array script (one array task per chain) and submit it with sbatch
+The local launcher records each attempt in the point's workdir (`record_attempt`);
+hybridlm/sweep_status.py reads the workdirs while points run (`hybridlm sweep --status`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 
 
 def load_sweep(spec: str) -> list[dict[str, Any]]:
@@ -134,7 +139,8 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
         points = _only(points, only, root)
     check_points(points, extra)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points}, indent=2))
+    (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points,
+                                                 "extra": list(extra)}, indent=2))
     if launcher == "print":
         for point in points:
             print(full_command(point, root, extra))
@@ -154,6 +160,10 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
     failed = next((s for s in statuses if s != 0), 0)
     if failed == 0:
         print(f"sweep: all {len(points)} points finished under {root}", flush=True)
+        if only is None:
+            from hybridlm.sweep_status import finished_summary
+
+            print(finished_summary(spec, root, extra), flush=True)
     return failed
 
 
@@ -208,13 +218,18 @@ def _run_chain(chain: list[dict[str, Any]], root: Path, extra, children: _Childr
     """Train each point of a chain (unless finished) and run its after-commands, in order;
     stop at the first failure."""
     for point in chain:
+        if children.stopping:  # the sweep was signalled: start nothing, record nothing
+            return 1
         workdir, label = root / point["name"], f"[{numbers[point['name']]}/{len(numbers)}]"
         if is_finished(workdir):
             print(f"{label} {point['name']}: trained, skipped", flush=True)
         else:
             print(f"{label} {point['name']}: running", flush=True)
             cmd = command(point, root, extra)
+            record_attempt(workdir, "running")
             returncode = children.run([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
+            record_attempt(workdir, "done" if is_finished(workdir) else
+                           "failed" if returncode else "stopped", returncode)
             if returncode != 0:
                 print(f"sweep: point {point['name']} failed with status {returncode}; "
                       "rerun the same command to resume it", file=sys.stderr)
@@ -271,7 +286,9 @@ def _submit_slurm(spec: str, point_chains, root: Path, extra) -> int:
     lines += [")", 'eval "exec ${cmds[$SLURM_ARRAY_TASK_ID]}"']
     script = root / "sweep.sbatch"
     script.write_text("\n".join(lines) + "\n")
-    print(f"wrote {script}; submitting with sbatch", flush=True)
+    print(f"wrote {script}; submitting with sbatch; follow it with: "
+          f"{shlex.join(['hybridlm', 'sweep', '--sweep', spec, '--root', str(root)])} "
+          "--status", flush=True)
     try:
         return subprocess.run(["sbatch", str(script)]).returncode
     except FileNotFoundError:
@@ -349,3 +366,15 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+ATTEMPT = "sweep_attempt.json"  # written into a point's workdir by the local launcher
+
+
+def record_attempt(workdir: Path, state: str, returncode: int | None = None) -> None:
+    """The local launcher's record of a point: running (with the sweep's host and pid, so
+    that --status can tell a live run from a dead one), then done / stopped / failed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
+              "time": time.time(), "returncode": returncode}
+    (workdir / ATTEMPT).write_text(json.dumps(record) + "\n")

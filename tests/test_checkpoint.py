@@ -116,23 +116,36 @@ def test_restore_on_another_mesh_gives_the_same_next_step_loss(trained, mesh_cfg
     np.testing.assert_allclose(float(metrics["loss"]), next_loss, rtol=2e-6)
 
 
-def test_a_truncated_file_of_the_latest_checkpoint_falls_back_to_the_previous(
-        trained, tmp_path, devices, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "emptied"])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_resumes(
+        trained, tmp_path, devices, capsys, damage):
     cfg, workdir, saved, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
     # the array data a restore reads: the finished checkpoint's state/d/ (truncating files
     # under state/ocdbt.process_0/d/ instead left the restore unaffected when tried here)
     data_file = max((copy / "checkpoints/2/state/d").iterdir(), key=lambda p: p.stat().st_size)
-    with open(data_file, "r+b") as f:
-        f.truncate(data_file.stat().st_size // 2)
+    size = data_file.stat().st_size
+    data_file.write_bytes({"truncated": data_file.read_bytes()[:size // 2],
+                           "zeroed": bytes(size), "emptied": b""}[damage])
     _, layout = build_layout(cfg, devices)
-    state, data_state = restore(cfg, copy, layout)
-    assert data_state == {"position": 1}
-    assert_trees_equal(state, saved[1])
-    out = capsys.readouterr().out
-    assert f"warning: checkpoint {copy / 'checkpoints/2'} does not restore" in out
-    assert f"resuming from {copy / 'checkpoints/1'}" in out
+    checkpointer = Checkpointer(cfg, copy)
+    try:
+        state, data_state = checkpointer.restore(layout)
+        assert data_state == {"position": 1}
+        assert_trees_equal(state, saved[1])
+        out = capsys.readouterr().out
+        assert f"warning: checkpoint {copy / 'checkpoints/2'} does not restore" in out
+        assert f"resuming from {copy / 'checkpoints/1'}" in out
+        # moved aside, whole (never deleted), where Orbax does not list it ...
+        [moved] = (copy / "checkpoints").glob("2.bad-*")
+        assert f"aside to {moved}" in out and data_file.name in {
+            p.name for p in (moved / "state/d").iterdir()}
+        # ... so that the run saves step 2 again (Orbax refused: "step 2 already exists")
+        checkpointer.save(2, state, {"position": 2})
+    finally:
+        checkpointer.close()
+    assert (copy / "checkpoints/2/state").is_dir()
 
 
 def build_layout(cfg, devices, mesh_cfg=ONE):

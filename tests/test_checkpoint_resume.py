@@ -1,4 +1,5 @@
-"""Real training subprocesses stopped and resumed: the same losses, bit for bit.
+"""Real training subprocesses stopped and resumed: the same losses, bit for bit; a damaged
+checkpoint moved aside while a second run is refused; a full disk.
 
 The subprocesses share a persistent XLA compilation cache (the same executable, so the same
 numbers; it only saves compile time). A checkpoint every 2 steps also slows the tiny run
@@ -11,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from flax import nnx
 
 from hybridlm.config import REPO_ROOT, load
 from hybridlm.data.pipeline import make_train_iterator
+from hybridlm.errors import UserError
 from hybridlm.model import Transformer
 from hybridlm.train.checkpoint import load_model
 from hybridlm.train.state import abstract_model
@@ -132,6 +135,92 @@ def test_sigkill_then_sigterm_at_random_steps_then_resume_gives_the_same_losses(
 
     finish(workdir)
     assert losses(workdir) == reference[1], f"killed after step {kill_at}, stopped at {step}"
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_the_run_completes_while_a_second_is_refused(
+        reference, tmp_path, devices, capsys):
+    """The latest checkpoint's largest file emptied: the rerun moves the checkpoint aside,
+    quietly (the reads its failed restore left behind once printed tracebacks), resumes
+    from the one before
+    and saves that step again (Orbax refused to before: "step 16 already exists", on every
+    rerun); a second run meanwhile is refused by the lock; a third finds nothing to do; a
+    run that would not resume is refused; nothing the first run wrote is lost."""
+    source, curve = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    data = max((workdir / f"checkpoints/{STEPS}/state/d").iterdir(),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(b"")
+    cfg = load(RUN[1], [f"train.steps={STEPS}", *OVERRIDES])
+    proc = start(workdir)
+    try:  # hold the first run still once it holds the lock, and start a second
+        lock = workdir / ".lock"
+        while f'"pid": {proc.pid},' not in lock.read_text():
+            assert proc.poll() is None, workdir.with_suffix(".log").read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {proc.pid} on "):
+            train(cfg, workdir, devices=devices[:1])
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=300) == 0, workdir.with_suffix(".log").read_text()[-3000:]
+    [moved] = (workdir / "checkpoints").glob(f"{STEPS}.bad-*")
+    log = workdir.with_suffix(".log").read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert f"moved the checkpoint of step {STEPS}, which does not restore, aside to {moved}" \
+        in log and f"resuming from {workdir / 'checkpoints' / str(STEPS - 2)}" in log
+    assert data.name in {p.name for p in (moved / "state/d").iterdir()}, "kept, not deleted"
+    assert losses(workdir) == curve, "the run completed as the uninterrupted one"
+    superseded = [json.loads(line) for line in
+                  (workdir / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in superseded] == \
+        [(s, curve[s]) for s in (STEPS - 1, STEPS)], "the first attempt's rows, set aside"
+
+    before = {name: (workdir / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    assert train(cfg, workdir, devices=devices[:1]) == []
+    assert f"nothing to do: {workdir} has finished step {STEPS}" in capsys.readouterr().out
+    cfg.checkpoint.enabled = False
+    with pytest.raises(UserError, match=r"holds a run \(metrics.jsonl with 16 rows, "
+                       r"checkpoints of steps \[14, 16\].*checkpoint.enabled=False.*--restart"):
+        train(cfg, workdir, devices=devices[:1])
+    assert before == {name: (workdir / name).read_bytes() for name in before}
+
+
+FULL_DISK = """
+mount -t tmpfs -o size={size} tmpfs {fs} || exit 99
+{python} -m hybridlm.cli train {flags} --workdir {workdir} \\
+    --config.checkpoint.dir={fs}/checkpoints --config.checkpoint.keep=0
+status=$?
+cp -a {fs}/checkpoints {copy}
+exit $status
+"""
+
+
+def test_a_full_disk_stops_the_run_once_with_the_last_checkpoint_intact(tmp_path):
+    """checkpoint.dir on a 2 MB tmpfs (in a private mount namespace): room for the start-up
+    check (one checkpoint, ~0.6 MB of state) and for two checkpoints, not three."""
+    fs, copy = tmp_path / "fs", tmp_path / "copy"
+    fs.mkdir()
+    script = FULL_DISK.format(size="2m", fs=fs, copy=copy, python=sys.executable,
+                              workdir=tmp_path / "run", flags=" ".join(RUN))
+    try:
+        result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                                 script], cwd=REPO_ROOT, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here to mount a small tmpfs")
+    if result.returncode == 99 or "unshare failed" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[:3000]
+    message = lines[0]
+    assert message.startswith(f"hybridlm: training stopped: saving the checkpoint of step 6 "
+                              f"into {fs}/checkpoints failed (No space left on device")
+    assert f"the last complete checkpoint, {fs}/checkpoints/4, is intact" in message
+    assert sorted(p.name for p in copy.iterdir() if p.name.isdigit()) == ["2", "4"]
+    _, _, step = load_model(copy)
+    assert step == 4, "and it restores"
 
 
 def mean_loss(params, graphdef, batch) -> float:

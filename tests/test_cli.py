@@ -2,10 +2,13 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
+
+from hybridlm import cli
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
@@ -51,3 +54,22 @@ def test_train_writes_the_workdir_and_the_loss_falls(tmp_path):
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["steps"] == 40 and config["data"]["seq_len"] == 128
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tb").iterdir())
+
+    # the run ends by saying what it made (paths that exist) and what to run next
+    out = result.stdout
+    evaluated = [r for r in rows if r.get("val_loss") is not None]
+    best = min(evaluated, key=lambda r: r["val_loss"])
+    assert f"finished 40 steps in {workdir}" in out
+    assert (f"validation loss  {evaluated[-1]['val_loss']:.4f} at step 40 (final), best "
+            f"{best['val_loss']:.4f} at step {best['step']}") in out
+    checkpoint = workdir / "checkpoints" / "40"
+    assert f"checkpoint       {checkpoint} (step 40)" in out and checkpoint.is_dir()
+    assert f"metrics          {workdir / 'metrics.jsonl'}" in out
+    assert f"tensorboard --logdir {workdir / 'tb'}" in out
+    commands = [shlex.split(line, comments=True)
+                for line in out.split("\nnext:\n", 1)[1].splitlines()]
+    assert [c[:2] for c in commands] == [["hybridlm", "eval"], ["hybridlm", "generate"],
+                                         ["hybridlm", "export"]]
+    assert all(c[c.index("--workdir") + 1] == str(workdir) for c in commands)
+    for c in commands:  # real commands with real flags (argparse exits 2 otherwise); the
+        cli._parser().parse_args(c[1:])  # eval CLI itself runs in tests/test_eval_mesh.py

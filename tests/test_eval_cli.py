@@ -3,6 +3,7 @@ JSON structure, summaries, and numbers against oracles (an untrained model's los
 log(vocab); the cache fraction follows (3 min(W, L) + L) / 4L)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +67,13 @@ def test_cli_eval_and_generate_on_an_export(run, tmp_path, capsys):
     saved = json.loads((export / "eval" / "niah.json").read_text())
     assert saved["step"] == 5 and saved["depths"] == [0.5, 1.0] and saved["lengths"] == [128]
     assert (export / "eval" / "niah.png").exists()
-    assert "niah: niah_128=0.000, niah=0.000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "niah: niah_128=0.000, niah=0.000" in out
+    assert f"evaluated step 5 of {export}; results in {export / 'eval'}/:" in out
+    listed = [Path(line.strip()) for line in out.splitlines() if line.startswith("  /")]
+    assert sorted(p.name for p in listed) == ["niah.json", "niah.png"]
+    assert all(p.is_file() for p in listed)
+    assert f"hybridlm analyze --workdir {export}" in out
     assert cli.main(["generate", "--workdir", str(export), "--prompt", "def main():",
                      "--max_new", "5"]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,10 @@
 """Evaluation on the training mesh: parameters restored into their shards (fsdp x tensor),
-the rest of the devices data replicas, and the same numbers as on one device."""
+the rest of the devices data replicas, and the same numbers as on one device and as two
+processes of four devices each (launch/local.sh)."""
+
+import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,9 @@ from hybridlm.eval import analysis, commands, placement, tasks
 from hybridlm.model import Transformer
 from hybridlm.train.checkpoint import export_params, load_model
 from tests.test_data_sources import make_corpus
+from tests.test_launch import cpu_env
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOK = ByteTokenizer()
 HAY = TOK.encode("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 50)
@@ -54,13 +62,23 @@ def test_parameters_land_in_their_shards(export, devices):
         np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(flat_single[path][...]))
 
 
-def test_ppl_niah_and_analysis_match_one_device(export, tmp_path, devices):
+@pytest.mark.slow
+def test_ppl_niah_and_analysis_match_one_device_and_two_processes(export, tmp_path, devices):
+    """On data=2 x fsdp=2 x tensor=2: one process of 8 devices equals one device, and
+    `launch/local.sh 2 eval` (2 processes x 4 devices, each restoring its own shards;
+    started first, it runs beside this process's work) writes the same grid and losses."""
+    mesh_flags = ["--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    two = subprocess.Popen(
+        ["bash", "launch/local.sh", "2", "eval", "--workdir", str(export), "--task",
+         "niah,ppl", "--lengths", "128", "--depths", "0.5", "--samples", "3", "--quiet",
+         "--out", str(tmp_path / "two"), *mesh_flags],
+        cwd=ROOT, env=cpu_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cfg, sharded, single = _sharded_and_single(export)
-    mesh = placement.eval_mesh(cfg, ["mesh.fsdp=2", "mesh.tensor=2"])  # data=2 replicas
+    mesh = placement.eval_mesh(cfg, [f.removeprefix("--config.") for f in mesh_flags])
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     cfg, sharded, _ = load_model(export, mesh_for=lambda c: mesh)
-    kw = dict(lengths=[128], depths=[0.5], samples=1, progress=False)
-    with placement.on_mesh(mesh):
+    kw = dict(lengths=[128], depths=[0.5], samples=3, progress=False)
+    with placement.on_mesh(mesh, cfg):
         ppl_mesh = commands.eval_ppl(cfg, sharded, tmp_path / "mesh", lengths=[128],
                                      samples=3, progress=False)
         niah_mesh = commands.eval_niah(cfg, sharded, tmp_path / "mesh", **kw)
@@ -83,9 +101,25 @@ def test_ppl_niah_and_analysis_match_one_device(export, tmp_path, devices):
     logits = np.asarray(single(doc[None, :-1].astype(np.int32)), np.float64)[0]
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     oracle = logz - logits[np.arange(128), doc[1:]]
-    with placement.on_mesh(mesh):
+    with placement.on_mesh(mesh, cfg):
         device_losses = commands.next_token_losses(sharded)(np.stack([doc, doc]))
     np.testing.assert_allclose(np.asarray(device_losses)[0], oracle, rtol=1e-4, atol=1e-5)
+
+    log, _ = two.communicate(timeout=900)
+    assert two.returncode == 0, log[-3000:]
+    assert "on the mesh data=2 fsdp=2 context=1 tensor=2 (8 cpu devices), 2 processes" in log
+    niah_two, ppl_two = (json.loads((tmp_path / "two" / f"{name}.json").read_text())
+                         for name in ("niah", "ppl"))
+    assert niah_two["grid"] == niah_mesh["grid"]
+    assert [s["output"] for s in niah_two["samples"]] == \
+        [s["output"] for s in niah_mesh["samples"]]
+    (a,), (b,) = ppl_two["lengths"], ppl_mesh["lengths"]
+    assert a["documents"] == b["documents"] == 3
+    np.testing.assert_allclose([x["loss"] for x in a["buckets"]],
+                               [x["loss"] for x in b["buckets"]], rtol=1e-5)
+    assert (tmp_path / "two" / "niah.png").exists() and "results in" in log
+    assert "results in" not in (export / "eval_process_1.log").read_text(), \
+        "process 1 computes but neither prints nor writes results"
 
 
 def test_eval_mesh_shapes_and_refusals(export, devices):
@@ -115,3 +149,23 @@ def test_cli_eval_reports_its_mesh_and_refuses_model_overrides(export, tmp_path,
     assert cli.main(["export", "--workdir", str(export), "--out", str(tmp_path / "x"),
                      "--config.mesh.fsdp=2"]) == 2
     assert "not accepted by export" in capsys.readouterr().err
+
+
+def test_processes_agree_on_the_command_and_the_checkpoint(export):
+    """What the eval preflight compares across processes: the flags but the process id, the
+    overrides, and the checkpoint each process found (another step: another fingerprint)."""
+    from hybridlm.eval import cli as eval_cli
+    from hybridlm.train.checkpoint import Source, find_sources
+
+    def fingerprint(*flags, overrides=(), source=None):
+        args = cli._parser().parse_args(["eval", "--workdir", str(export), *flags])
+        return eval_cli._invocation(args, list(overrides), source or find_sources(export)[0])
+
+    job = ["--coordinator", "h:1", "--num_processes", "2", "--process_id"]
+    assert fingerprint(*job, "0") == fingerprint(*job, "1")
+    newest = find_sources(export)[0]
+    later = Source(newest.kind, newest.directory, newest.step + 1)
+    for other in (fingerprint(*job, "0", "--lengths", "256"),
+                  fingerprint(*job, "0", overrides=["mesh.fsdp=2"]),
+                  fingerprint(*job, "0", source=later)):
+        assert other != fingerprint(*job, "0")

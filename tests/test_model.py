@@ -111,6 +111,25 @@ def test_scanned_and_unrolled_stacks_agree(kind, name):
                                atol=1e-6)
 
 
+def test_layer_layout_places_every_layer_once():
+    """Gemma-3-like depth 8 over a 3-entry pattern: 2 stacked groups, a tail of 2, and the
+    model's blocks in the layout's order (what the cache, interop and AOT rely on)."""
+    from hybridlm.model.pattern import expand, layer_layout
+
+    cfg = neighbour_model_config("gemma3").to_dict()
+    cfg.update(num_layers=8, pattern="local,local,global")
+    layout = layer_layout(cfg)
+    assert (layout.per_group, layout.num_groups, len(layout.tail)) == (3, 2, 2)
+    assert layout.layers() == expand(cfg["layer_types"], cfg["pattern"], 8)
+    places = [layout.locate(i) for i in range(8)]
+    assert places == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (None, 0), (None, 1)]
+    assert [layout.index(*place) for place in places] == list(range(8))
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only
+    assert tuple(b.attn.spec for b in model.groups.blocks) == layout.group
+    assert tuple(b.attn.spec for b in model.tail.blocks) == layout.tail
+    assert model.groups.blocks[0].attn.wq.shape[0] == layout.num_groups
+
+
 def test_groups_stack_parameters_with_a_layers_axis():
     model = build(tiny_model_config("rnope_swa", num_layers=8)).model
     wq = model.groups.blocks[0].attn.wq

@@ -209,7 +209,9 @@ def test_windows_cap_block_sizes():
 
 def test_model_threads_block_sizes_and_matches_dense():
     """A tiny RNoPE-SWA model (window 5) on packed documents: blockwise with 8-token tiles
-    (several tiles per sequence, set through the config) gives dense's logits."""
+    (several tiles per sequence, set through the config and installed as the trainer does)
+    gives dense's logits."""
+    from hybridlm.model.attention import config_tiles
     from tests.helpers import build, random_tokens, tiny_model_config
 
     tokens = random_tokens(0, (2, 37))
@@ -218,7 +220,8 @@ def test_model_threads_block_sizes_and_matches_dense():
     for impl in ("dense", "blockwise"):
         cfg = tiny_model_config("rnope_swa", attention_impl=impl, attention_block_q=8,
                                 attention_block_kv=8)
-        logits[impl] = build(cfg)(tokens, extra["q_positions"], extra["q_segment_ids"])
+        with ops.kernel_tiles(*config_tiles(cfg)):
+            logits[impl] = build(cfg)(tokens, extra["q_positions"], extra["q_segment_ids"])
     np.testing.assert_allclose(logits["blockwise"], logits["dense"], atol=2e-5)
 
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from hybridlm import config as config_lib
 from hybridlm.model import Transformer
-from hybridlm.ops import MaskSpec, attention, blockwise
+from hybridlm.model.attention import config_tiles
+from hybridlm.ops import MaskSpec, attention, blockwise, kernel_tiles
 from hybridlm.ops.cost import (
     attention_cost,
     attention_matmul_flops,
@@ -74,7 +75,8 @@ def train_step_cost(model_cfg, length):
     batch = {key: jax.ShapeDtypeStruct((1, length), jnp.dtype(dtype))
              for key, dtype in BATCH_KEYS.items()}
     step = make_train_step(graphdef, tx, optax.constant_schedule(1e-3))
-    cost = compiled_cost(step, state, batch)
+    with kernel_tiles(*config_tiles(cfg)):  # as the trainer traces it
+        cost = compiled_cost(step, state, batch)
     return cost["flops"], cost["temp_bytes"]
 
 

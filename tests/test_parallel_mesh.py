@@ -1,15 +1,18 @@
 """The mesh from config, logical-axis rules, sharded creation and input placement."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from hybridlm.config import ConfigError
+from hybridlm.model.layers import constrain
 from hybridlm.parallel import (
     ACTIVATION_RULES,
     PARAM_RULES,
+    activation_sharding,
     batch_sharding,
     logical_to_spec,
     make_mesh,
@@ -64,6 +67,26 @@ def test_logical_names_map_to_mesh_axes(devices):
     # A mesh axis is used at most once per array; size-1 axes are left out.
     assert logical_to_spec(("embed", "embed"), (32, 32), mesh, PARAM_RULES) == P("fsdp", None)
     assert logical_to_spec(("batch",), (6,), mesh, ACTIVATION_RULES) == P(("data",))
+
+
+def test_constrain_means_nothing_until_parallel_installs_the_rules(devices):
+    """The model only names axes: without a resolver `constrain` is the identity (a mesh
+    alone changes nothing); inside `activation_sharding` it constrains by the rules."""
+    mesh = make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2), devices)
+    x, names = jnp.arange(72.0).reshape(4, 3, 6), ("batch", "length", "heads")
+    assert constrain(x, names) is x
+
+    def run():  # a fresh function each time: contexts are not part of jit's cache key
+        return jax.jit(lambda x: constrain(x * 2, names))(x)
+
+    with jax.set_mesh(mesh):
+        plain = run()
+    with activation_sharding(mesh):
+        hinted = run()
+    assert plain.sharding.is_fully_replicated
+    assert hinted.sharding.spec == logical_to_spec(names, x.shape, mesh, ACTIVATION_RULES)
+    assert hinted.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    np.testing.assert_array_equal(hinted, plain)
 
 
 def test_state_is_created_sharded_and_equals_the_single_device_state(devices):

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridlm import cli, sweep
+from hybridlm import cli, sweep, sweep_status
 from hybridlm.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +104,14 @@ def metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def status_rows(out: str) -> dict[str, list[str]]:
+    """`hybridlm sweep --status`'s table as point -> [state, step, loss, val_loss, eta]."""
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    return {row[0]: row[1:] for row in rows[1:]}
+
+
 @pytest.mark.slow
-def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path):
+def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ("textwrap", "shlex", "csv", "fractions", "glob", "heapq"):
@@ -127,14 +134,30 @@ def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path):
             assert first.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the second point never started training"
             time.sleep(0.05)
+        live = sweep_status.status(spec, root)  # while the second point trains
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=300) == 1
+    assert [live[n]["state"] for n in names] == ["done", "running", "pending"]
+    assert live[names[2]]["estimated"] and live[names[2]]["eta_s"] > 0, \
+        "a pending point's ETA comes from the others' speed"
     assert [r["step"] for r in metrics(root / names[0])][-1] == STEPS
     stopped_at = metrics(root / names[1])[-1]["step"]
     assert 0 < stopped_at < STEPS, "the signal must land mid-run"
     assert (root / names[1] / "checkpoints" / str(stopped_at)).is_dir()
     assert not (root / names[2]).exists()
     finished_before = (root / names[0] / "metrics.jsonl").read_bytes()
+
+    # --status on the interrupted sweep: read from the workdirs, nothing runs
+    assert cli.main(["sweep", "--sweep", spec, "--root", str(root), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 0 running, 1 stopped, 0 failed, 1 pending" in out
+    table = status_rows(out)
+    last = metrics(root / names[0])[-1]
+    assert table[names[0]][:3] == ["done", f"{STEPS}/{STEPS}", f"{last['loss']:.4g}"]
+    assert table[names[1]][:2] == ["stopped", f"{stopped_at}/{STEPS}"]
+    assert table[names[1]][2] == f"{metrics(root / names[1])[-1]['loss']:.4g}"
+    assert table[names[2]][:3] == ["pending", f"0/{STEPS}", "-"]
+    assert table[names[2]][4].startswith("~") and "remaining: ~" in out
 
     # 2nd run: the first point is skipped, the second resumes, the third runs; then summary
     rerun = subprocess.run([*argv, "--summarize"], cwd=ROOT, env=env, capture_output=True,
@@ -147,6 +170,10 @@ def test_an_interrupted_sweep_reruns_only_what_is_left_and_summarises(tmp_path):
     assert (root / names[0] / "metrics.jsonl").read_bytes() == finished_before
     for name in names:
         assert [r["step"] for r in metrics(root / name)] == list(range(1, STEPS + 1))
+    # the end of the sweep says what it made and what to run next
+    assert "3 done, 0 running, 0 stopped, 0 failed, 0 pending" in out
+    assert f"--root {root} --summarize --report {root / 'report.md'}" in out
+    assert f"tensorboard --logdir {root}" in out and "hybridlm eval --workdir" in out
 
     with open(root / "summary.csv") as f:
         rows = {r["point"]: r for r in csv.DictReader(f)}
@@ -244,3 +271,40 @@ def test_stages_chain_behind_their_point_and_chains_run_in_parallel(tmp_path, ca
     bad.write_text(STAGE_SWEEP.replace('"init_from": "a"', '"init_from": "zz"'))
     with pytest.raises(ConfigError, match="starts from 'zz' .init_from., which is no earlier"):
         sweep.load_sweep(str(bad))
+
+
+def fake_point(workdir: Path, steps: int, logged: int, attempt: dict | None = None) -> None:
+    """A point's workdir as training leaves it: config.json, `logged` metrics rows."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(
+        {"train": {"steps": steps, "batch_size": 4}, "data": {"seq_len": 16},
+         "log": {"every": 1}}))
+    (workdir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 3.0 - s / 10, "step_time_s": 2.0}) + "\n"
+        for s in range(1, logged + 1)))
+    if attempt is not None:
+        (workdir / sweep.ATTEMPT).write_text(json.dumps(attempt))
+
+
+def test_status_tells_failed_running_and_stopped_points_apart(tmp_path, capsys):
+    """failed: the launcher saw status 1; running: its launcher (this process) is alive;
+    stopped: the launcher is gone, or, unlaunched, metrics.jsonl went quiet."""
+    spec = tmp_path / "four.py"
+    spec.write_text("def get_sweep(arg=None):\n    return [" + ", ".join(
+        f"{{'name': '{n}', 'config': 'configs/tiny.py'}}" for n in "abcd") + "]\n")
+    here = {"host": socket.gethostname(), "time": time.time()}
+    fake_point(tmp_path / "a", 10, 4, {**here, "state": "failed", "pid": 1, "returncode": 1})
+    fake_point(tmp_path / "b", 10, 6, {**here, "state": "running", "pid": os.getpid()})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fake_point(tmp_path / "c", 10, 2, {**here, "state": "running", "pid": dead.pid})
+    fake_point(tmp_path / "d", 10, 3)  # started by hand or slurm: only the file's age tells
+    old = time.time() - 2 * sweep_status.STALE_S
+    os.utime(tmp_path / "d" / "metrics.jsonl", (old, old))
+    assert cli.main(["sweep", "--sweep", str(spec), "--root", str(tmp_path), "--status"]) == 0
+    table = status_rows(capsys.readouterr().out)
+    assert table["a"][:3] == ["failed", "(status", "1)"] and table["a"][3] == "4/10"
+    assert table["b"][:2] == ["running", "6/10"] and table["b"][-1] == "0:00:08"  # 4 x 2 s
+    assert table["c"][:2] == ["stopped", "2/10"] and table["d"][:2] == ["stopped", "3/10"]
+    os.utime(tmp_path / "d" / "metrics.jsonl")  # a line just now: running
+    assert sweep_status.status(str(spec), tmp_path)["d"]["state"] == "running"

@@ -31,12 +31,12 @@ import grain
 import ml_collections as mlc
 import numpy as np
 
-from hybridlm.config import ConfigError
 from hybridlm.data import packing
 from hybridlm.data.plan import PieceStream, RowPlanner
 from hybridlm.data.prepare import Prepared, resolve, resolve_tokenizer
 from hybridlm.data.sources import is_validation
 from hybridlm.data.tokenizers import Tokenizer, static_vocab_size
+from hybridlm.errors import ConfigError
 
 PREFETCH_BATCHES = 4  # batches read ahead (by the background thread, or per worker)
 STATE_FORMAT = "hybridlm-global-rows-v1"
@@ -72,7 +72,8 @@ def _check_nonempty(pieces: np.ndarray, prepared: Prepared, data: mlc.ConfigDict
                     split: str) -> None:
     if len(pieces):
         return
-    hint = ("raise data.val_fraction" if split == "validation" else
+    hint = ("raise data.val_fraction, or train without validation with eval.steps=0"
+            if split == "validation" else
             "lower data.min_doc_tokens or data.val_fraction")
     raise ConfigError(f"data.source {prepared.manifest['source']!r} has no {split} documents "
                       f"({prepared.manifest['documents']} documents, val_fraction "

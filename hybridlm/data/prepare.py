@@ -34,9 +34,9 @@ from typing import Any
 import ml_collections as mlc
 import numpy as np
 
-from hybridlm.config import ConfigError
 from hybridlm.data import sources as sources_lib
 from hybridlm.data import tokenizers as tok_lib
+from hybridlm.errors import ConfigError
 
 PREPARE_VERSION = 2  # 2: every document starts with the tokenizer's BOS
 RECORD_TOKENS = 4096  # tokens per ArrayRecord record
@@ -104,14 +104,32 @@ def prepare_source(spec: sources_lib.SourceSpec, files: list[Path], tokenizer, o
                    text_field: str = "text", on_bad_record: str = "error",
                    fingerprint: str = "", progress: bool = True) -> Prepared:
     """Tokenise every document of `spec` into `out` (written atomically)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tqdm import tqdm
-
     start = time.perf_counter()
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        manifest = _write_prepared(spec, files, tokenizer, tmp, text_field, on_bad_record,
+                                   fingerprint, progress)
+        manifest["seconds"] = round(time.perf_counter() - start, 2)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.rename(out)
+    except OSError:  # another process finished the same preparation first: use theirs
+        if not (out / "manifest.json").is_file():
+            raise
+    finally:  # whatever happened (a bad record, Ctrl-C, a full disk): no folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(out)
+
+
+def _write_prepared(spec: sources_lib.SourceSpec, files: list[Path], tokenizer, tmp: Path,
+                    text_field: str, on_bad_record: str, fingerprint: str,
+                    progress: bool) -> dict[str, Any]:
+    """Tokenise into the folder `tmp`: shards, index, names, tokenizer; the manifest."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tqdm import tqdm
+
     record = tokenizer.describe()
     dtype = token_dtype(tokenizer.vocab_size)
     counts = sources_lib.Counts()
@@ -145,7 +163,6 @@ def prepare_source(spec: sources_lib.SourceSpec, files: list[Path], tokenizer, o
         if writer is not None:
             writer.close()
     if not lengths:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"data.source {spec.label!r}: no non-empty documents "
                           f"(skipped: {dict(counts)})")
     lengths_arr = np.asarray(lengths, np.int64)
@@ -162,17 +179,9 @@ def prepare_source(spec: sources_lib.SourceSpec, files: list[Path], tokenizer, o
         "tokens": int(lengths_arr.sum()), "longest": int(lengths_arr.max()),
         "record_tokens": RECORD_TOKENS, "dtype": dtype.name, "shards": shards,
         "counts": dict(counts), "length_histogram": length_histogram(lengths_arr),
-        "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished the same preparation first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "manifest.json").is_file():
-            raise
-    return load_prepared(out)
+    return manifest
 
 
 def _documents(spec, files: list[Path], counts, text_field: str, on_bad_record: str,
@@ -284,8 +293,11 @@ def _resolve_tokenizer(data: mlc.ConfigDict, raw: dict, given: list[Prepared], r
         start = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tok_lib.train_bpe(_bpe_texts(data, raw, progress), vocab, tmp)
-        tmp.rename(path)
+        try:
+            tok_lib.train_bpe(_bpe_texts(data, raw, progress), vocab, tmp)
+            tmp.rename(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"trained a {vocab}-token byte-level BPE in {time.perf_counter() - start:.1f} s "
               f"-> {path}", flush=True)
     return tok_lib.HFTokenizer(path, spec)
@@ -320,11 +332,18 @@ def prepare_to(data: mlc.ConfigDict, out: Path, progress: bool = True) -> Prepar
     files = sources_lib.source_files(spec, root)
     tokenizer = _resolve_tokenizer(data, {spec: files}, [], root, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
+    emptied = out.exists()
+    if emptied:
         out.rmdir()  # empty (checked by the caller): the atomic rename needs it gone
-    return prepare_source(spec, files, tokenizer, out, text_field=data.text_field,
-                          on_bad_record=data.on_bad_record,
-                          fingerprint=sources_lib.fingerprint(spec, files), progress=progress)
+    try:
+        return prepare_source(spec, files, tokenizer, out, text_field=data.text_field,
+                              on_bad_record=data.on_bad_record,
+                              fingerprint=sources_lib.fingerprint(spec, files),
+                              progress=progress)
+    except BaseException:
+        if emptied:
+            out.mkdir(exist_ok=True)  # leave the user's empty directory as it was
+        raise
 
 
 def summary(prepared: Prepared) -> str:

@@ -28,8 +28,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from hybridlm.config import ConfigError
 from hybridlm.data import corpus, synthetic
+from hybridlm.errors import ConfigError
 
 BUILTIN = ("stdlib", "shakespeare")
 KINDS = ("text", "jsonl", "parquet", "prepared", "retrieval")

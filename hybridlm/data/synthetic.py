@@ -34,8 +34,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from hybridlm.config import ConfigError
 from hybridlm.data.retrieval_text import as_document, fitted_sample, haystack_ids
+from hybridlm.errors import ConfigError
 
 FORMAT = 4  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",

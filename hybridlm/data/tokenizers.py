@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hybridlm.config import BYTE_VOCAB, ConfigError
+from hybridlm.config import BYTE_VOCAB
+from hybridlm.errors import ConfigError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 BOS_CANDIDATES = ("<|startoftext|>", "<s>", "<bos>", "<|begin_of_text|>", "[CLS]")

@@ -7,6 +7,10 @@ analysis also writes a markdown table shaped like the paper's.
 
 Default lengths are 1x, 2x and 4x the trained `data.seq_len`: at the training length, and
 beyond it (the point of NoPE layers).
+
+In a multi-process job every process runs the same body on the same inputs (the model's
+arrays span all processes' devices, so every forward pass is a collective), and process 0
+alone writes the files.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.eval import analysis, heldout, perplexity, plots, retrieval, scoring, tasks
 from hybridlm.eval.analysis_math import SEGMENTS
 from hybridlm.infer import Generator, cache_bytes
@@ -70,11 +74,23 @@ def _tokenizer(cfg: mlc.ConfigDict, model_cfg: dict):
     return tokenizer
 
 
+def writes_files() -> bool:
+    """Process 0 writes results and plots; the other processes of a job compute only."""
+    return jax.process_index() == 0
+
+
 def _write(out_dir: Path, name: str, result: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    if writes_files():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def _plot(draw, *args, **kwargs) -> None:
+    """A plots.* call, on process 0 only."""
+    if writes_files():
+        draw(*args, **kwargs)
 
 
 class Decoder:
@@ -127,8 +143,9 @@ def eval_niah(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
         summary.update({f"{prefix}_{n}": r["by_length"][str(n)] for n in lengths})
         summary[prefix] = r["mean"]
     result.update(step=step, train_len=cfg.data.seq_len, train_values=train, summary=summary)
-    plots.needle_heatmap(np.array(result["grid"]), lengths, list(depths), out_dir / "niah.png",
-                         title=f"needle in a haystack (step {step})", train_len=cfg.data.seq_len)
+    _plot(plots.needle_heatmap, np.array(result["grid"]), lengths, list(depths),
+          out_dir / "niah.png", title=f"needle in a haystack (step {step})",
+          train_len=cfg.data.seq_len)
     _write(out_dir, "niah.json", result)
     return result
 
@@ -148,9 +165,9 @@ def eval_ruler(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     summary.update({f"ruler_{n}": float(np.mean([r["by_length"][str(n)]
                                                  for r in by_task.values()])) for n in lengths})
     summary["ruler"] = float(np.mean([r["mean"] for r in by_task.values()]))
-    plots.lines_by_length({t: [r["by_length"][str(n)] for n in lengths]
-                           for t, r in by_task.items()}, lengths, out_dir / "ruler.png",
-                          "score", f"RULER-style tasks (step {step})", cfg.data.seq_len)
+    _plot(plots.lines_by_length, {t: [r["by_length"][str(n)] for n in lengths]
+                                  for t, r in by_task.items()}, lengths, out_dir / "ruler.png",
+          "score", f"RULER-style tasks (step {step})", cfg.data.seq_len)
     n = sum(r["n_per_length"] for r in by_task.values())  # all tasks' samples of a length
     interval = {str(k): list(scoring.wilson(summary[f"ruler_{k}"] * n, n)) for k in lengths}
     result = {"step": step, "train_len": cfg.data.seq_len, "lengths": lengths,
@@ -163,13 +180,17 @@ def eval_ruler(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
 
 
 def next_token_losses(model: Transformer):
-    """tokens [B, T + 1] -> float32 next-token losses [B, T], computed on the model's devices."""
+    """tokens [B, T + 1] -> float32 next-token losses [B, T], computed on the model's devices
+    and replicated, so that every process of a job can read all B rows."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def losses(state, tokens):
         logits = nnx.merge(graphdef, state)(tokens[:, :-1]).astype(jax.numpy.float32)
-        return softmax_cross_entropy(logits, tokens[:, 1:])[0]
+        out = softmax_cross_entropy(logits, tokens[:, 1:])[0]
+        if jax.sharding.get_abstract_mesh().empty:
+            return out
+        return jax.lax.with_sharding_constraint(out, jax.sharding.PartitionSpec())
 
     return lambda tokens: losses(state, tokens)
 
@@ -205,8 +226,8 @@ def eval_ppl(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     summary = {f"loss_{r['length']}": r["mean_loss"] for r in rows if r["documents"]}
     summary.update({f"loss_last_bucket_{r['length']}": r["buckets"][-1]["loss"]
                     for r in rows if r["documents"]})
-    plots.loss_by_position(curves, out_dir / "ppl.png", train_len=cfg.data.seq_len,
-                           title=f"held-out loss by position (step {step})")
+    _plot(plots.loss_by_position, curves, out_dir / "ppl.png", train_len=cfg.data.seq_len,
+          title=f"held-out loss by position (step {step})")
     result = {"step": step, "train_len": cfg.data.seq_len, "summary": summary, "lengths": rows}
     _write(out_dir, "ppl.json", result)
     return result
@@ -216,10 +237,13 @@ def run_eval(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, task: str, 
              lengths: Sequence[int] | None = None, depths: Sequence[float] | None = None,
              samples: int | None = None, seed: int = 0, step: int | None = None,
              progress: bool = True) -> dict[str, dict]:
-    """`hybridlm eval --task niah|ruler|ppl|all`: the named evaluations, in that order."""
-    names = EVAL_TASKS if task == "all" else (task,)
-    if any(n not in EVAL_TASKS for n in names):
-        raise ConfigError(f"--task {task!r}: choose one of {(*EVAL_TASKS, 'all')}")
+    """`hybridlm eval --task niah|ruler|ppl|all` (or several, comma-separated): the named
+    evaluations, in the order of EVAL_TASKS."""
+    asked = task.split(",")
+    if any(t not in (*EVAL_TASKS, "all") for t in asked):
+        raise ConfigError(f"--task {task!r}: choose from {', '.join((*EVAL_TASKS, 'all'))} "
+                          "(several comma-separated)")
+    names = [n for n in EVAL_TASKS if n in asked or "all" in asked]
     check_grid(lengths or default_lengths(cfg), depths or (), 1 if samples is None else samples)
     out = {}
     for name in names:
@@ -301,10 +325,11 @@ def run_analysis(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
               "seed": seed, "summary": summary, "lengths": per_length}
     bars = {f"{r['length']} {t}": {s: m[s] for s in SEGMENTS}
             for r in per_length for t, m in [*r["by_type"].items(), ("all", r["overall"])]}
-    plots.segment_bars(bars, out_dir / "analysis.png",
-                       title=f"attention mass of the question tokens (step {step})")
+    _plot(plots.segment_bars, bars, out_dir / "analysis.png",
+          title=f"attention mass of the question tokens (step {step})")
     _write(out_dir, "analysis.json", result)
-    (out_dir / "analysis.md").write_text(analysis_markdown(result))
+    if writes_files():
+        (out_dir / "analysis.md").write_text(analysis_markdown(result))
     return result
 
 

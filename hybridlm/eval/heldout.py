@@ -11,10 +11,10 @@ from __future__ import annotations
 import ml_collections as mlc
 import numpy as np
 
-from hybridlm.config import ConfigError
 from hybridlm.data.packing import PieceSource
 from hybridlm.data.prepare import resolve
 from hybridlm.data.sources import is_synthetic, is_validation
+from hybridlm.errors import ConfigError
 
 
 def held_out_documents(cfg: mlc.ConfigDict, min_tokens: int = 1,

@@ -13,15 +13,18 @@ the checkpoint fixes the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import ml_collections as mlc
 from jax.sharding import Mesh
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
+from hybridlm.model.attention import config_tiles
+from hybridlm.ops import kernel_tiles
 from hybridlm.parallel import activation_sharding, make_mesh
 
 MESH_OVERRIDES = ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.context")
@@ -61,9 +64,12 @@ def eval_mesh(cfg: mlc.ConfigDict, overrides: Sequence[str] = (),
     return make_mesh(shape, devices)
 
 
-def on_mesh(mesh: Mesh):
-    """Trace and run the model on `mesh`, its sharding hints on (the training rules)."""
-    return activation_sharding(mesh)
+@contextlib.contextmanager
+def on_mesh(mesh: Mesh, cfg: mlc.ConfigDict) -> Iterator[None]:
+    """Trace and run the model on `mesh`, its sharding hints on (the training rules), with
+    the run's attention tiles."""
+    with activation_sharding(mesh), kernel_tiles(*config_tiles(cfg.model)):
+        yield
 
 
 def describe(mesh: Mesh) -> str:

@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from hybridlm.infer.cache import init_cache
+from hybridlm.model.attention import config_tiles
 from hybridlm.model.transformer import Transformer
+from hybridlm.ops import kernel_tiles
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -34,22 +36,35 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) ->
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step(graphdef, state, tokens, positions, cache):
-    return nnx.merge(graphdef, state)(tokens, positions, None, cache)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _step(graphdef, tiles, state, tokens, positions, cache):
+    with kernel_tiles(*tiles):
+        return nnx.merge(graphdef, state).decode(tokens, positions, cache)
 
 
 class Generator:
-    """Compiled prefill and decode steps for one model, batch size and maximum length."""
+    """Compiled prefill and decode steps for one model, batch size and maximum length.
+
+    When the model spans several processes, each step is waited for before the next is
+    issued: with dozens of small steps queued, XLA's CPU runtime deadlocked between its
+    per-device limit on queued computations and the gloo collectives of the steps ahead
+    (2 processes x 4 CPU devices hung in 4 of 4 runs of 18 needle samples, and in 0 of 3
+    with this wait; docs/evaluation.md)."""
 
     def __init__(self, model: Transformer, model_cfg: dict, batch: int, max_len: int,
                  prefill_multiple: int = 1):
         self.model_cfg, self.batch, self.max_len = model_cfg, batch, max_len
         self.prefill_multiple = prefill_multiple
         self.graphdef, self.state = nnx.split(model)
+        self.tiles = config_tiles(model_cfg)  # the prompt's attention: the config's tiles
+        self.lockstep = jax.process_count() > 1
+
+    def _wait(self, x):
+        return jax.block_until_ready(x) if self.lockstep else x
 
     def _step(self, tokens, positions, cache):
-        return _step(self.graphdef, self.state, tokens, positions, cache)
+        return self._wait(_step(self.graphdef, self.tiles, self.state, tokens, positions,
+                                cache))
 
     def prefill(self, prompt: np.ndarray) -> tuple[jax.Array, dict]:
         """(logits of the prompt's last token [B, V], the filled cache)."""
@@ -79,7 +94,7 @@ class Generator:
         out = []
         for i in range(max_new):
             key, sub = jax.random.split(key)
-            token = sample(logits, sub, temperature, top_k)
+            token = self._wait(sample(logits, sub, temperature, top_k))
             out.append(token)
             if i + 1 < max_new:
                 pos = jnp.full((b, 1), n + i, jnp.int32)

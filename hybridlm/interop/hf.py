@@ -26,43 +26,39 @@ import numpy as np
 from flax import nnx
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.interop import hf_config, tokenizer_files
-from hybridlm.model.pattern import group_specs
+from hybridlm.model.pattern import layer_layout
 
 MISSING_HF = ("needs the Hugging Face extra: pip install 'hybridlm[hf]' (torch CPU, "
               "transformers, safetensors)")
 
 
 # ---- per-layer view of the stacked parameters --------------------------------------------
-def _layout(m: Mapping[str, Any]) -> tuple[int, int, int]:
-    group, num_groups, tail = group_specs(m["layer_types"], m["pattern"], m["num_layers"])
-    return len(group), num_groups, len(tail)
-
-
 def unstack_layers(m: Mapping[str, Any], params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One nested dict of numpy arrays per layer, in depth order."""
-    per_group, num_groups, tail = _layout(m)
-    layers = []
-    for g in range(num_groups):
-        for j in range(per_group):
-            block = params["groups"]["blocks"][j]
-            layers.append(jax.tree.map(lambda x, g=g: np.asarray(x[g]), block))
-    for j in range(tail):
-        layers.append(jax.tree.map(np.asarray, params["tail"]["blocks"][j]))
+    layout, layers = layer_layout(m), []
+    for i in range(layout.num_layers):
+        group, entry = layout.locate(i)
+        if group is None:
+            layers.append(jax.tree.map(np.asarray, params["tail"]["blocks"][entry]))
+        else:
+            block = params["groups"]["blocks"][entry]
+            layers.append(jax.tree.map(lambda x, g=group: np.asarray(x[g]), block))
     return layers
 
 
 def stack_layers(m: Mapping[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Inverse of unstack_layers: {'groups': ..., 'tail': ...} (absent parts omitted)."""
-    per_group, num_groups, tail = _layout(m)
+    layout = layer_layout(m)
     out: dict[str, Any] = {}
-    if num_groups:
-        out["groups"] = {"blocks": {j: jax.tree.map(
-            lambda *xs: np.stack(xs), *layers[j: num_groups * per_group: per_group])
-            for j in range(per_group)}}
-    if tail:
-        out["tail"] = {"blocks": {j: layers[num_groups * per_group + j] for j in range(tail)}}
+    if layout.num_groups:
+        out["groups"] = {"blocks": {j: jax.tree.map(lambda *xs: np.stack(xs), *(
+            layers[layout.index(g, j)] for g in range(layout.num_groups)))
+            for j in range(layout.per_group)}}
+    if layout.tail:
+        out["tail"] = {"blocks": {j: layers[layout.index(None, j)]
+                                  for j in range(len(layout.tail))}}
     return out
 
 
@@ -189,7 +185,10 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--from {src}: no config.json there; give a directory written by "
                           "save_pretrained or `hybridlm export --format hf`")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"--from {src}: config.json is not valid JSON ({e})") from None
     try:
         from transformers import AutoConfig
     except ImportError:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.model.pattern import LayerSpec, expand, layer_defaults
 
 GLOBAL_COMPARED = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",

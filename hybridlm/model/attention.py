@@ -8,10 +8,15 @@
     out     = softmax(q k^T / sqrt(D) + mask) v, through hybridlm.ops.attention
 
 The mask (causal, window, chunk, segments) comes from the layer's LayerSpec; which
-kernel computes it is `impl`, chosen by config, never here.
+kernel computes it is `impl`, chosen by config, never here, and its tiles are set by
+whoever runs the model (`config_tiles`). Training runs `__call__` over whole
+sequences; decoding runs `decode` over new tokens against a KV cache.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +34,17 @@ def temperature(positions: jax.Array, floor: int, scale: float) -> jax.Array:
     return jnp.log(steps + 1.0) * scale + 1.0
 
 
+def config_tiles(model_cfg: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(block_q, block_kv) the config asks of the attention kernels: whoever runs the model
+    (training, evaluation, decoding) traces it inside `ops.kernel_tiles(*these)`."""
+    return model_cfg.get("attention_block_q"), model_cfg.get("attention_block_kv")
+
+
 class Attention(nnx.Module):
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  spec: LayerSpec, norm_eps: float, std: float, out_std: float, impl: str,
-                 rngs: nnx.Rngs, block_q: int | None = None, block_kv: int | None = None):
+                 rngs: nnx.Rngs):
         self.spec, self.impl = spec, impl
-        self.block_q, self.block_kv = block_q, block_kv  # kernel tiling, from the config
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), std)
         self.wkv = param(rngs, (d_model, 2, num_kv_heads, head_dim),
@@ -68,20 +78,25 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: ops.LayerCache | None = None):
-        """Output [B, T, d_model]; with a KV cache (decoding), (output, updated cache)."""
+    def sink_logits(self) -> jax.Array | None:
+        return None if self.sinks is None else self.sinks[...]
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> jax.Array:
+        """[B, T, d_model] -> [B, T, d_model]: the sequence attends to itself."""
         spec = self.spec
         q, k, v = self.project(x, positions)
-        sinks = None if self.sinks is None else self.sinks[...]
-        kernel = dict(block_q=self.block_q, block_kv=self.block_kv)
-        if cache is not None:
-            out, cache = ops.kv_cache.attend(cache, q, k, v, positions, window=spec.window,
-                                             chunk=spec.chunk, impl=self.impl, sinks=sinks,
-                                             **kernel)
-            return dense(out, self.wo[...], contract=2), cache
         mask = ops.MaskSpec(causal=True, window=spec.window, chunk=spec.chunk,
                             q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                             q_positions=positions, kv_positions=positions)
-        out = ops.attention(q, k, v, mask, self.impl, sinks=sinks, **kernel)
+        out = ops.attention(q, k, v, mask, self.impl, sinks=self.sink_logits())
         return dense(out, self.wo[...], contract=2)
+
+    def decode(self, x: jax.Array, positions: jax.Array,
+               cache: ops.LayerCache) -> tuple[jax.Array, ops.LayerCache]:
+        """New tokens [B, n, d_model] against the layer's KV cache: (output, updated cache)."""
+        q, k, v = self.project(x, positions)
+        out, cache = ops.kv_cache.attend(cache, q, k, v, positions, window=self.spec.window,
+                                         chunk=self.spec.chunk, impl=self.impl,
+                                         sinks=self.sink_logits())
+        return dense(out, self.wo[...], contract=2), cache

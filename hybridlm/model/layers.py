@@ -1,18 +1,26 @@
 """Small building blocks: parameters with logical axis names, norms, the SwiGLU MLP.
 
 Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp,
-layers) as `out_sharding` metadata; `hybridlm.parallel` maps them to mesh axes. The
-model never shards anything itself, so eager sharding is off for every parameter.
+layers) as `out_sharding` metadata, activations pass through `constrain(x, names)`;
+`hybridlm.parallel` maps the names to mesh axes. The model never shards anything itself,
+so eager sharding is off for every parameter and `constrain` is the identity until
+parallel/ installs what the names mean (`constraint_resolver`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 
 Axes = tuple[str | None, ...]
+Resolver = Callable[[jax.Array, Axes], jax.Array]
+_resolver: contextvars.ContextVar[Resolver | None] = contextvars.ContextVar(
+    "constrain_resolver", default=None)
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: Axes, std: float | None,
@@ -43,23 +51,19 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
-    """Sharding hint by logical axis names; a no-op unless parallel/ set rules and a mesh.
+    """Sharding hint by logical axis names: the installed resolver's, or the identity."""
+    resolve = _resolver.get()
+    return x if resolve is None else resolve(x, axes)
 
-    A dimension the named mesh axes do not divide stays whole (evaluation feeds a batch of
-    one on a mesh with data replicas).
-    """
-    rules = spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return x
-    table, spec = dict(rules), []
-    for name, size in zip(axes, x.shape, strict=True):
-        target = table.get(name) if name else None
-        split = 1
-        for axis in (target,) if isinstance(target, str) else tuple(target or ()):
-            split *= mesh.shape[axis]
-        spec.append(None if size % split else target)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+@contextlib.contextmanager
+def constraint_resolver(resolve: Resolver | None) -> Iterator[None]:
+    """Every `constrain(x, axes)` traced inside this block becomes `resolve(x, axes)`."""
+    token = _resolver.set(resolve)
+    try:
+        yield
+    finally:
+        _resolver.reset(token)
 
 
 class Norm(nnx.Module):

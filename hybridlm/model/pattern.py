@@ -74,10 +74,54 @@ def expand(layer_types: Mapping[str, Mapping[str, Any]], pattern: str,
     return [specs[names[i % len(names)]] for i in range(num_layers)]
 
 
-def group_specs(layer_types: Mapping[str, Mapping[str, Any]], pattern: str,
-                num_layers: int) -> tuple[list[LayerSpec], int, list[LayerSpec]]:
-    """(specs of one pattern group, number of full groups, specs of the remainder)."""
-    names = parse_pattern(pattern)
-    layers = expand(layer_types, pattern, num_layers)
-    num_groups = num_layers // len(names)
-    return layers[: len(names)], num_groups, layers[num_groups * len(names):]
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    """How the decoder holds its layers: `num_groups` repetitions of the pattern, stacked
+    (`group`: one LayerSpec per pattern entry), then a `tail` of the layers left over when
+    the depth is not a multiple of the pattern (Gemma 3). Layer i in depth order is entry
+    i % len(group) of group i // len(group), or, past the last whole group, of the tail.
+
+    The one owner of that arrangement: the model, its KV cache, the Hugging Face mapping
+    and the compile report all read it here.
+    """
+
+    group: tuple[LayerSpec, ...]
+    num_groups: int
+    tail: tuple[LayerSpec, ...]
+
+    @property
+    def per_group(self) -> int:
+        return len(self.group)
+
+    @property
+    def stacked(self) -> int:
+        """Layers held in the stacked groups."""
+        return self.num_groups * self.per_group
+
+    @property
+    def num_layers(self) -> int:
+        return self.stacked + len(self.tail)
+
+    def layers(self) -> list[LayerSpec]:
+        """Every layer's spec in depth order."""
+        return [*self.group * self.num_groups, *self.tail]
+
+    def locate(self, layer: int) -> tuple[int | None, int]:
+        """(group, entry) of layer `layer`; group is None for a layer of the tail."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} of a {self.num_layers}-layer model")
+        group, entry = divmod(layer, self.per_group)
+        return (group, entry) if group < self.num_groups else (None, layer - self.stacked)
+
+    def index(self, group: int | None, entry: int) -> int:
+        """Inverse of `locate`: the depth of entry `entry` of `group` (None: the tail)."""
+        return self.stacked + entry if group is None else group * self.per_group + entry
+
+
+def layer_layout(model_cfg: Mapping[str, Any]) -> LayerLayout:
+    """The layout of a model config (its layer_types, pattern and num_layers)."""
+    types, pattern, depth = (model_cfg[k] for k in ("layer_types", "pattern", "num_layers"))
+    per_group = len(parse_pattern(pattern))
+    num_groups = depth // per_group
+    return LayerLayout(tuple(expand(types, pattern, per_group)), num_groups,
+                       tuple(expand(types, pattern, depth)[num_groups * per_group:]))

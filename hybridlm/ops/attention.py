@@ -13,19 +13,24 @@ which kernel runs is a config choice (`model.attention_impl`), never model code.
 A kernel that cannot express a case (cuDNN and packing, say) hands it to blockwise
 and says so once in the log.
 
-Parallelism hook: code that runs the model over a device mesh (the trainer) may install
-a handler with `parallel_attention(handler)` around tracing. `attention` then calls
-`handler(q, k, v, spec, local=..., scale=..., sinks=...)` instead of a kernel; `local`
-is this module's kernel dispatch with the configured impl and tiles bound, for the
-handler to run on each device's shard (hybridlm/parallel/context.py splits the sequence
-over the mesh's `context` axis this way). Without a handler nothing changes.
+Tiles: `block_q` / `block_kv` given to `attention` win; otherwise those of the innermost
+`kernel_tiles(block_q, block_kv)` block the call is traced in (whoever runs the model
+installs the config's `model.attention_block_q/kv` there); otherwise each kernel's default.
+
+Parallelism hook: code that runs the model over a device mesh installs a handler with
+`parallel_attention(handler)` around tracing. `attention` then calls
+`handler(q, k, v, spec, local=..., scale=..., sinks=...)` instead of a kernel; `local` is
+this module's kernel dispatch with the kernel (`local.impl`) and tiles bound, for the
+handler to run on each device's shard (hybridlm/parallel/: context parallelism splits
+the sequence this way, and kernels XLA cannot partition, `MANUAL_KERNELS`, run per
+device). Without a handler nothing changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -39,10 +44,13 @@ from hybridlm.ops.masks import MaskSpec, dense_mask
 from hybridlm.ops.softmax import masked_softmax
 
 IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+MANUAL_KERNELS = ("splash",)  # Mosaic kernels: XLA's partitioner cannot split them
 log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 _handler: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
     "attention_parallel_handler", default=None)
+_tiles: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.ContextVar(
+    "attention_tiles", default=(None, None))
 
 
 def dense_attention(q, k, v, spec: MaskSpec, *, scale: float, sinks=None) -> jax.Array:
@@ -103,12 +111,41 @@ def parallel_attention(handler: Callable | None) -> Iterator[None]:
         _handler.reset(token)
 
 
+@contextlib.contextmanager
+def kernel_tiles(block_q: int | None, block_kv: int | None) -> Iterator[None]:
+    """Tile sizes of every `attention` call traced inside this block (None: the default).
+
+    Read at trace time, so, like the handler, it is not part of jit's cache key: a function
+    already traced elsewhere keeps the tiles it was traced with.
+    """
+    token = _tiles.set((block_q, block_kv))
+    try:
+        yield
+    finally:
+        _tiles.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalKernel:
+    """`impl`'s kernel with its tiles bound, on arrays this device sees whole."""
+
+    impl: str  # the kernel resolved for this platform (before any per-case fallback)
+    block_q: int | None = None
+    block_kv: int | None = None
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
+                 scale: float, sinks: jax.Array | None = None) -> jax.Array:
+        return local_attention(q, k, v, spec, impl=self.impl, scale=scale, sinks=sinks,
+                               block_q=self.block_q, block_kv=self.block_kv)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: str = "auto",
               *, scale: float | None = None, sinks: jax.Array | None = None,
               block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
     """Masked multi-head attention; returns [B, T, H, D] in q's dtype.
 
-    block_q / block_kv: tile sizes for blockwise and splash (None: their defaults).
+    block_q / block_kv: tile sizes for blockwise and splash (None: `kernel_tiles`'s, else
+    the kernel's defaults).
     """
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"attention expects q [B,T,H,D], k=v [B,S,Hkv,D]; got q {q.shape}, "
@@ -117,7 +154,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, impl: st
         raise ValueError(f"attention: q {q.shape} and k {k.shape} disagree (batch, head_dim, "
                          "or heads not a multiple of kv heads)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    local = functools.partial(local_attention, impl=impl, block_q=block_q, block_kv=block_kv)
+    tile_q, tile_kv = _tiles.get()
+    local = LocalKernel(resolve_impl(impl), block_q or tile_q, block_kv or tile_kv)
     handler = _handler.get()
     if handler is not None:
         return handler(q, k, v, spec, local=local, scale=scale, sinks=sinks)

@@ -13,10 +13,11 @@ interpret mode) and lengths padded to a multiple of them; padding sits in its ow
 Mosaic rejects `jax_default_matmul_precision="highest"` with bfloat16 operands ("Bad lhs
 type"): leave the global precision at its default when compiling splash for TPU.
 
-Mosaic kernels are opaque to XLA's partitioner: under a mesh (`jax.set_mesh`) the kernel
-runs inside `jax.shard_map`, each device on its rows (mesh axes data, fsdp) and its heads
-(tensor). The kernel compiles for the mesh's platform, not the host's, so a TPU mesh of
-compile-only devices (`hybridlm compile`) gets the real Mosaic kernel on a CPU machine.
+Mosaic kernels are opaque to XLA's partitioner, so under a mesh this function must see
+one device's arrays: hybridlm/parallel/ runs it inside `jax.shard_map` through the hook
+of ops/attention.py (`MANUAL_KERNELS`). The kernel compiles for the mesh's platform, not
+the host's, so a TPU mesh of compile-only devices (`hybridlm compile`) gets the real
+Mosaic kernel on a CPU machine.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
-from jax.sharding import PartitionSpec as P
 
 from hybridlm.ops.masks import MaskSpec, visible_offsets
 
@@ -126,51 +126,21 @@ def _target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def _partition(mesh, batch: int, heads: int, kv_heads: int) -> tuple[tuple[str, ...], str | None]:
-    """(mesh axes splitting the batch, mesh axis splitting the heads) for shard_map.
-
-    Heads split over `tensor` only when both query and key/value heads divide evenly
-    (contiguous head blocks keep GQA groups together); otherwise they stay whole.
-    """
-    sizes = {axis: mesh.shape[axis] for axis in mesh.auto_axes}  # not already manual
-    rows, split = [], 1
-    for axis in ("data", "fsdp"):
-        size = sizes.get(axis, 1)
-        if size > 1 and batch % (split * size) == 0:
-            rows.append(axis)
-            split *= size
-    tp = sizes.get("tensor", 1)
-    head_axis = "tensor" if tp > 1 and heads % tp == 0 and kv_heads % tp == 0 else None
-    return tuple(rows), head_axis
-
-
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
                      scale: float, sinks: jax.Array | None = None, block_q: int = 512,
                      block_kv: int = 512) -> jax.Array:
     """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]; interpret mode off TPU."""
-    b, t, h, _ = q.shape
     q_seg, kv_seg = (None if x is None else x.astype(jnp.int32)
                      for x in (spec.q_segment_ids, spec.kv_segment_ids))
-    key = (spec.causal, spec.window, spec.chunk)
-    local = functools.partial(_splash_local, key=key, scale=scale, block_q=block_q,
-                              block_kv=block_kv, interpret=_target_platform() != "tpu")
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or all(mesh.shape[axis] == 1 for axis in mesh.auto_axes):
-        return local(q, k, v, q_seg, kv_seg, sinks)
-    rows, head_axis = _partition(mesh, b, h, k.shape[2])
-    rows_spec = rows or None
-    qkv = P(rows_spec, None, head_axis, None)
-    seg = None if q_seg is None else P(rows_spec, None)
-    sink_spec = None if sinks is None else P(head_axis)
-    # Every auto axis turns manual; those not named in the specs (context) see whole copies.
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, sink_spec),
-                            out_specs=qkv, axis_names=set(mesh.auto_axes), check_vma=False)
-    return sharded(q, k, v, q_seg, kv_seg, sinks)
+    return _splash_local(q, k, v, q_seg, kv_seg, sinks,
+                         key=(spec.causal, spec.window, spec.chunk), scale=scale,
+                         block_q=block_q, block_kv=block_kv,
+                         interpret=_target_platform() != "tpu")
 
 
 def _splash_local(q, k, v, q_seg, kv_seg, sinks, *, key, scale: float, block_q: int,
                   block_kv: int, interpret: bool) -> jax.Array:
-    """The kernel on one device's arrays (the whole problem when nothing is sharded)."""
+    """The kernel on the arrays it is given (one device's share under a mesh)."""
     b, t, h, _ = q.shape
     bq, bk, length = tiles(block_q, block_kv, t)
     if q_seg is None and length != t:  # padding needs a segment of its own

@@ -4,11 +4,11 @@ The model only names its axes (`vocab`, `embed`, `heads`, ... on parameters; `ba
 `length`, ... on activations); this package decides which mesh axis each name splits over.
 """
 
+from hybridlm.parallel.activations import activation_sharding
 from hybridlm.parallel.mesh import MESH_AXES, batch_axes, make_mesh, mesh_shape
 from hybridlm.parallel.rules import (
     ACTIVATION_RULES,
     PARAM_RULES,
-    activation_sharding,
     batch_sharding,
     logical_to_spec,
     param_shardings,

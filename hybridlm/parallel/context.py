@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.ops.attention import parallel_attention
 from hybridlm.ops.masks import MaskSpec, dense_mask, span
 from hybridlm.ops.softmax import masked_softmax

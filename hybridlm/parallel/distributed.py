@@ -27,14 +27,16 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import numpy as np
 
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError, UserError
 
 DEFAULT_PORT = 12_357
+T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
@@ -182,16 +184,18 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
                        "error instead of leaving them waiting (default 30)")
 
 
-def start(args: argparse.Namespace, resolved_config_json: str) -> Plan:
+def start(args: argparse.Namespace, resolved_config_json: str,
+          what: str = "resolved config") -> Plan:
     """initialize() from add_cli_flags' flags, then preflight(); call before anything
-    compiles or touches a device."""
+    compiles or touches a device. `what` names the text in the preflight's message (eval
+    commands pass their flags and the checkpoint they found)."""
     for flag in ("distributed_timeout_s", "distributed_heartbeat_s"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     p = initialize(args.coordinator, args.num_processes, args.process_id,
                    timeout_s=args.distributed_timeout_s,
                    heartbeat_s=args.distributed_heartbeat_s)
-    preflight(resolved_config_json)
+    preflight(resolved_config_json, what)
     return p
 
 
@@ -200,18 +204,54 @@ def fingerprint(text: str) -> np.ndarray:
     return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint32).copy()
 
 
-def preflight(resolved_config_json: str) -> None:
+def preflight(resolved_config_json: str, what: str = "resolved config") -> None:
     """Every process must run the same JAX version and the same resolved config."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    for what, text in (("JAX version", jax.__version__), ("resolved config",
-                                                          resolved_config_json)):
+    for label, text in (("JAX version", jax.__version__), (what, resolved_config_json)):
         mine = fingerprint(text)
         everyone = np.asarray(multihost_utils.process_allgather(mine))
         if not (everyone == mine[None]).all():
             differ = [i for i in range(everyone.shape[0]) if not (everyone[i] == mine).all()]
-            raise DistributedError(f"processes {differ} run a different {what} than process "
+            raise DistributedError(f"processes {differ} run a different {label} than process "
                                    f"{jax.process_index()}; start every process from the same "
-                                   "install with the same config and overrides")
+                                   "install with the same config, flags and overrides, on "
+                                   "a workdir that every host sees")
+
+
+# ---- agreeing on a decision (every process must take the same path to the next collective) --
+def all_processes(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each contributes its own outcome)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def on_process_0(check: Callable[[], T]) -> T | None:
+    """`check()` on process 0 alone (its result there, None elsewhere). If it raises, every
+    process raises, the others a UserError pointing at process 0's output, so that none is
+    left waiting for process 0 in a collective."""
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = check()
+        except Exception as e:  # noqa: BLE001  (re-raised below, after the others know)
+            error = e
+    if not all_processes(jax.process_index() != 0 or error is None):
+        if error is None:
+            raise UserError("process 0 stopped this run before it began; its output says why")
+    if error is not None:
+        raise error
+    return result

@@ -9,9 +9,8 @@ that array (e.g. 2 key/value heads on tensor=4 stay replicated) rather than fail
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -90,13 +89,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     rows = tuple(axis for axis in BATCH_AXES if mesh.shape[axis] > 1)
     length = "context" if mesh.shape["context"] > 1 else None
     return NamedSharding(mesh, P(rows or None, length))
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh) -> Iterator[None]:
-    """Trace inside this so that the model's `constrain(x, names)` hints take effect."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(ACTIVATION_RULES):
-        yield
 
 
 def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:

@@ -24,9 +24,10 @@ import jax
 import ml_collections as mlc
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
+from hybridlm.errors import ConfigError
 from hybridlm.model import flops_per_token
 from hybridlm.model.flops import layers, param_count
+from hybridlm.model.pattern import layer_layout
 from hybridlm.ops import MaskSpec, resolve_impl, splash
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train.optim import decay_mask, make_optimizer
@@ -245,9 +246,7 @@ def out_of_hbm_bytes(message: str) -> int | None:
 
 def _loop_trips(model_cfg: dict[str, Any]) -> int:
     """Groups in the scanned layer loop (1 when model.scan_layers=False unrolls it)."""
-    if not model_cfg["scan_layers"]:
-        return 1
-    return model_cfg["num_layers"] // len(model_cfg["pattern"].split(","))
+    return layer_layout(model_cfg).num_groups if model_cfg["scan_layers"] else 1
 
 
 def splash_flops(cfg: mlc.ConfigDict) -> float:

@@ -8,7 +8,8 @@ One checkpoint directory `<checkpoint.dir>/<step>/` (default `<workdir>/checkpoi
   config/  the resolved config (JSON)
 Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames on success, so a process killed
 mid-save leaves no half checkpoint behind; a checkpoint that is complete on disk but damaged
-(a truncated file) fails to restore, is reported, and the previous one is used instead.
+(a truncated file) fails to restore: the trainer moves it aside to `<step>.bad-<time>` (Orbax
+lists only `<step>`) once an older one restores, and saves that step again (docs/checkpoints.md).
 
 A params-only export (`export_params`) is `<out>/params/` (Orbax) + `<out>/config.json` +
 `<out>/export.json` (the step); `load_model` and `train.init_from` read both kinds.
@@ -17,8 +18,12 @@ A params-only export (`export_params`) is `<out>/params/` (Orbax) + `<out>/confi
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,15 +36,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hybridlm import config as config_lib
-from hybridlm.config import ConfigError
-
-log = logging.getLogger(__name__)
+from hybridlm.errors import CheckpointError, ConfigError, RunStopped
+from hybridlm.parallel import distributed
 
 EXPORT_FORMAT = "hybridlm-params-v1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot continue this run; the message says what to do."""
 
 
 # ---- the data position: one JSON file, the same for every process ----------------------
@@ -187,9 +187,38 @@ def find_sources(path: Path, step: int | None = None) -> list[Source]:
     return [Source("checkpoint", directory / str(s), s) for s in steps]
 
 
+def ignore_abandoned_io() -> None:
+    """A restore or a background save that fails leaves Orbax's other reads or writes in
+    flight. As each one ends, its callback finds Orbax's event loop closed ("Event loop is
+    closed": 95 tracebacks for one truncated file), or asyncio reports its error as never
+    retrieved (an emptied file; a full disk, at exit). They are harmless, and the failure
+    itself is reported once: from the first restore or save on, this process drops exactly
+    those kinds of report (asyncio runs here only inside Orbax)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _never_retrieved not in asyncio_log.filters:
+        asyncio_log.addFilter(_never_retrieved)
+    previous = sys.unraisablehook
+    if getattr(previous, "hybridlm", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.hybridlm = True
+    sys.unraisablehook = hook
+
+
+def _never_retrieved(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(("Future exception was never retrieved",
+                                               "Task exception was never retrieved"))
+
+
 def first_that_restores(sources: list[Source], restore: Callable[[Source], Any]
                         ) -> tuple[Source, Any]:
     """The newest source whose restore succeeds; damaged ones are skipped with a warning."""
+    ignore_abandoned_io()
     errors = []
     for source in sources:
         try:
@@ -303,57 +332,176 @@ def init_from(cfg: mlc.ConfigDict, layout, state: dict, sources: list[Source]) -
 
 
 # ---- the trainer's checkpoint manager -----------------------------------------------------
+def directory_of(cfg: mlc.ConfigDict, workdir: str | Path) -> Path:
+    """Where a run saves its checkpoints: checkpoint.dir, else <workdir>/checkpoints."""
+    return Path(cfg.checkpoint.dir or Path(workdir) / "checkpoints").absolute()
+
+
+def state_bytes(layout) -> int:
+    """Bytes of the whole training state (all processes): what one checkpoint stores."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract))
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an error; the OS's words alone when they are in it (a full disk)."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(code) in str(error):
+            return f"{os.strerror(code)}; {type(error).__name__} from Orbax"
+    line = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {line[:300]}{'...' if len(line) > 300 else ''}"
+
+
+class OrbaxErrors(logging.Filter):
+    """Orbax logs each failure of a background save several times, with tracebacks, from
+    its threads (hundreds of lines for one full disk) and then raises it: keep those records
+    off the console while the trainer reports the failure itself, in one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+    def __enter__(self) -> OrbaxErrors:
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("absl").removeFilter(self)
+
+
 class Checkpointer:
     """The `Checkpoints` protocol of train/trainer.py over an Orbax CheckpointManager.
 
     Every process takes part in every save and restore (each writes and reads its shards).
+    A save that fails (a full disk) stops the run with RunStopped, naming the last complete
+    checkpoint, which Orbax never deletes before the next one is complete.
     """
 
     def __init__(self, cfg: mlc.ConfigDict, workdir: str | Path):
         c = cfg.checkpoint
         self.cfg, self.every, self.total_steps = cfg, c.every, cfg.train.steps
-        self.directory = Path(c.dir or Path(workdir) / "checkpoints").absolute()
+        self.directory = directory_of(cfg, workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=c.keep or None, keep_period=c.keep_every or None,
             enable_async_checkpointing=c.async_save, create=True,
             cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_saved: int | None = None
+        self._pending: int | None = None  # the step of a save still being written
+        self._failed = False
+        self._quiet = OrbaxErrors().__enter__()
+        ignore_abandoned_io()
 
     # -- saving ------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
+        """Whether to save after `step`; first raises RunStopped if a save in the background
+        has failed since (checked every step with one process; several processes find out
+        together, at the next save)."""
+        if (self._pending is not None and jax.process_count() == 1
+                and not self.manager.is_saving_in_progress()):
+            self._finish_save()
         return step == self.total_steps or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, state: dict, data_state: Any) -> None:
         """Starts the save; with async_save the arrays are copied to host and written in
         the background while training goes on."""
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataSave(data_state),
-            config=ocp.args.JsonSave(self.cfg.to_dict())))
+        self._finish_save()
+        self._pending = step
+        try:
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=DataSave(data_state),
+                config=ocp.args.JsonSave(self.cfg.to_dict())))
+        except Exception as e:  # noqa: BLE001  (a full disk fails in many ways)
+            raise self._stopped(e) from None
         self.last_saved = step
 
+    def _finish_save(self) -> None:
+        """Wait for the save in flight; RunStopped if it failed."""
+        if self._pending is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._stopped(e) from None
+        self._pending = None
+
+    def _stopped(self, error: BaseException) -> RunStopped:
+        self._failed = True
+        complete = checkpoint_steps(self.directory)
+        kept = (f"the last complete checkpoint, {self.directory / str(complete[0])}, is intact"
+                if complete else "no checkpoint is complete yet")
+        return RunStopped(
+            f"saving the checkpoint of step {self._pending} into {self.directory} failed "
+            f"({_reason(error)}); {kept}. Free some space (one checkpoint takes about "
+            f"{self._bytes_hint()}) and run the same command again to resume.")
+
+    def _bytes_hint(self) -> str:
+        sizes = [sum(f.stat().st_size for f in (self.directory / str(s)).rglob("*")
+                     if f.is_file()) for s in checkpoint_steps(self.directory)[:1]]
+        return f"{sizes[0] / 2**20:,.1f} MiB" if sizes else "as much as the model's state"
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save (RunStopped if it failed) and release Orbax's threads."""
+        try:
+            if not self._failed:
+                self._finish_save()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001  (the failure is already being reported)
+                if not self._failed:
+                    raise
+            finally:
+                if not self._failed:  # after a failure, Orbax's threads may still report it
+                    self._quiet.__exit__()
 
     # -- restoring ---------------------------------------------------------------------
     def restore(self, layout) -> tuple[dict, Any] | None:
-        """(state, data state) of the latest checkpoint that restores; None if none."""
-        sources = [Source("checkpoint", self.directory / str(s), s)
-                   for s in self.manager.all_steps()]
-        if not sources:
-            return None
+        """(state, data state) of the newest checkpoint that restores; None if none.
 
-        def restore(source: Source) -> tuple[dict, Any]:
-            self._check_compatible(source)
-            restored = self.manager.restore(source.step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(layout.abstract), data=DataRestore()))
+        Checkpoints newer than that one do not restore (damaged on disk): they are moved
+        aside to `<step>.bad-<time>`, so that this run saves those steps again. If none
+        restores, nothing is moved and CheckpointError says why (a fault that is not the
+        checkpoints' own, such as a changed library, must not throw them all away).
+        """
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            source = Source("checkpoint", self.directory / str(step), step)
+            restored, error = None, None
+            try:
+                self._check_compatible(source)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(layout.abstract), data=DataRestore()))
+            except (CheckpointError, ConfigError):
+                raise
+            except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
+                error = _reason(e)
+            if not distributed.all_processes(error is None):
+                failed.append((step, error or "another process could not restore it"))
+                print(f"warning: checkpoint {source.directory} does not restore "
+                      f"({failed[-1][1]}); trying the one before", flush=True)
+                continue
+            if failed:
+                self._move_aside([s for s, _ in failed])
+            print(f"resuming from {source.directory}", flush=True)
             return restored.state, restored.data
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} restores, so nothing was moved: "
+                + "; ".join(f"step {s}: {e}" for s, e in failed) + ". If they are damaged, "
+                "start over with --restart (it moves the old run aside), or use another "
+                "--workdir")
+        return None
 
-        source, restored = first_that_restores(
-            sorted(sources, key=lambda s: s.step, reverse=True), restore)
-        print(f"resuming from {source.directory}", flush=True)
-        return restored
+    def _move_aside(self, steps: list[int]) -> None:
+        """Rename damaged steps to `<step>.bad-<time>` (process 0; the others wait)."""
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                target = self.directory / f"{step}.bad-{stamp}"
+                (self.directory / str(step)).rename(target)
+                print(f"moved the checkpoint of step {step}, which does not restore, aside "
+                      f"to {target}; this run saves step {step} again", flush=True)
+        distributed.barrier("hybridlm: damaged checkpoints moved aside")
+        self.manager.reload()
 
     def _check_compatible(self, source: Source) -> None:
         """List what changed since the checkpoint; refuse changes of parameter shapes."""
@@ -375,3 +523,4 @@ class Checkpointer:
                 "window (same shapes), start a new stage in a new workdir with "
                 f"--config.train.init_from={source.directory}; a model of other shapes must "
                 "start from scratch.")
+

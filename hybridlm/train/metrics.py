@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,12 +69,14 @@ def _clean(value: Any) -> Any:
     return value if math.isfinite(value) else None
 
 
-def drop_rows_after(path: Path, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint: drop the old rows of those
-    steps (logged by the run that was stopped) and any line a kill cut short, so that
-    metrics.jsonl reads as one run."""
+def set_aside_rows_after(path: Path, step: int) -> None:
+    """A resumed run logs the steps after its checkpoint again: the rows of those steps that
+    the stopped run logged (and any line a kill cut short) move, verbatim, to
+    metrics.superseded.jsonl beside it, so that metrics.jsonl reads as one run and nothing
+    logged is lost. The rewrite is atomic (a new file renamed over the old)."""
     if not path.is_file():
         return
+
     def keep(line: str) -> bool:
         try:
             return json.loads(line)["step"] <= step
@@ -82,8 +85,14 @@ def drop_rows_after(path: Path, step: int) -> None:
 
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if keep(line)]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
+    if len(kept) == len(lines):
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n"
+                     for line in lines if not keep(line))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class MetricsWriter:
@@ -104,7 +113,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             workdir.mkdir(parents=True, exist_ok=True)
-            drop_rows_after(workdir / "metrics.jsonl", first_step)
+            set_aside_rows_after(workdir / "metrics.jsonl", first_step)
             self._jsonl = open(workdir / "metrics.jsonl", "a")
             self._tb = SummaryWriter(str(workdir / "tb"))
 

@@ -9,6 +9,7 @@ step would stall the asynchronous dispatch). Checkpointing plugs in through the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,10 +23,14 @@ import optax
 
 from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
+from hybridlm.errors import RunStopped
 from hybridlm.model import flops_per_token
+from hybridlm.model.attention import config_tiles
+from hybridlm.ops import kernel_tiles
 from hybridlm.parallel import (
     activation_sharding,
     batch_sharding,
+    distributed,
     process_rows,
     put_batch,
     replicated,
@@ -33,6 +38,8 @@ from hybridlm.parallel import (
 from hybridlm.parallel.context import check_length, context_parallel, reorder_batch
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train import checkpoint as checkpoint_lib
+from hybridlm.train import summary as run_summary
+from hybridlm.train import workdir as workdir_lib
 from hybridlm.train.metrics import MetricsWriter, mfu, peak_flops, peak_memory_gb
 from hybridlm.train.optim import decay_mask, make_optimizer, schedule
 from hybridlm.train.preemption import Preemption
@@ -49,7 +56,7 @@ BATCH_KEYS = {"inputs": np.int32, "targets": np.int32, "positions": np.int32,
               "segment_ids": np.int32, "weights": np.float32}
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunStopped):
     """Loss or gradient NaN/Inf for train.max_nan_streak steps in a row: the run stopped."""
 
 
@@ -122,6 +129,15 @@ def loss_chunk(cfg: mlc.ConfigDict, mesh, microbatches: int) -> int:
                            mesh.devices.flat[0].platform)
 
 
+@contextlib.contextmanager
+def tracing(cfg: mlc.ConfigDict, mesh) -> Iterator[None]:
+    """Trace the model as this run runs it: on `mesh` (sharding, context parallelism) with
+    the config's attention tiles."""
+    with (activation_sharding(mesh), context_parallel(mesh, cfg.mesh),
+          kernel_tiles(*config_tiles(cfg.model))):
+        yield
+
+
 def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
                        tx: optax.GradientTransformation) -> Callable:
     """The train step compiled ahead of time for the global batch, state donated, input and
@@ -134,7 +150,7 @@ def compile_train_step(cfg: mlc.ConfigDict, mesh, layout: StateLayout,
     step_fn = make_train_step(layout.graphdef, tx, schedule(t), grad_accum=t.grad_accum_steps,
                               z_loss=t.z_loss, loss_chunk=loss_chunk(cfg, mesh, t.grad_accum_steps),
                               unroll=not cfg.model.scan_layers)
-    with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+    with tracing(cfg, mesh):
         return jax.jit(step_fn, in_shardings=(layout.shardings, sharding),
                        out_shardings=(layout.shardings, replicated(mesh)),
                        donate_argnums=0).lower(layout.abstract, abstract_batch).compile()
@@ -150,19 +166,35 @@ def stopped_message(signal_name: str, step: int, saved: bool, workdir: Path) -> 
 
 def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
           devices: Sequence[jax.Device] | None = None, train_iter: Iterator | None = None,
-          checkpoints: Checkpoints | None = None) -> list[dict[str, Any]]:
+          checkpoints: Checkpoints | None = None, restart: bool = False
+          ) -> list[dict[str, Any]]:
     """Train for cfg.train.steps; returns the logged rows (also in metrics.jsonl).
 
     `devices` (default: all) and `train_iter` (default: the data pipeline) are for tests;
     `checkpoints` defaults to Orbax checkpoints in checkpoint.dir (checkpoint.enabled).
-    SIGTERM or SIGINT ends the run after the current step, with a checkpoint of that step.
+    The workdir is locked for the run's life; a workdir holding a run that this one would
+    not resume is refused unless `restart` moves that run aside (train/workdir.py).
+    SIGTERM or SIGINT ends the run after the current step, with a checkpoint of that step
+    (during start-up: before the first step, with Interrupted). Whatever it opens (the
+    lock, Orbax, Grain, the metrics files) is closed on every way out.
     """
+    with contextlib.ExitStack() as stack:
+        history = _train(cfg, Path(workdir), stack, devices, train_iter, checkpoints, restart)
+    if history and jax.process_index() == 0:  # what the run made, what to run next
+        run_summary.print_if_finished(Path(workdir), cfg.train.steps)
+    return history
+
+
+def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
+           devices: Sequence[jax.Device] | None, train_iter: Iterator | None,
+           checkpoints: Checkpoints | None, restart: bool) -> list[dict[str, Any]]:
     # ---- setup ---------------------------------------------------------------------
     jax.config.update("jax_threefry_partitionable", True)  # same init on every mesh
     t, seq_len = cfg.train, cfg.data.seq_len
-    workdir = Path(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
+    preemption = Preemption().install()
+    stack.callback(preemption.uninstall)
 
     # ---- mesh ----------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices)
@@ -171,46 +203,58 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
     if t.grad_accum_steps > 1:
         check_batch(mesh, t.batch_size // t.grad_accum_steps, seq_len,
                     "train.batch_size / train.grad_accum_steps", process_count)
+
+    # ---- the workdir: locked, and no other run's history overwritten (process 0) ------
+    checkpoint_dir = checkpoint_lib.directory_of(cfg, workdir)
+    lock = distributed.on_process_0(
+        lambda: workdir_lib.claim(cfg, workdir, checkpoint_dir, restart=restart))
+    if lock is not None:
+        stack.callback(lock.release)
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
         print(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} "
               f"devices, {process_count} process(es)", flush=True)
 
-    # ---- checkpoints (once the mesh is known to fit) ------------------------------------
-    stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
-    if checkpoints is None:
-        checkpoints = (checkpoint_lib.Checkpointer(cfg, workdir) if cfg.checkpoint.enabled
-                       else NoCheckpoints())
-
-    # ---- data: this process's rows of every global batch -----------------------------
+    # ---- data: this process's rows of every global batch; both splits checked ----------
     rows, local_rows = t.batch_size, process_rows(mesh, t.batch_size)
     if train_iter is None:
         train_iter = data_pipeline.make_train_iterator(cfg, rows=local_rows)
+        stack.callback(train_iter.close)  # its reading threads or worker processes
+    if cfg.eval.steps > 0:  # the validation split exists (before anything compiles)
+        data_pipeline.make_eval_iterator(cfg, rows=local_rows, progress=False).close()
+    stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
 
     # ---- model, optimizer and state --------------------------------------------------
     model_cfg = config_lib.model_dict(cfg)
     graphdef, params_meta = abstract_model(model_cfg, t.seed)
     tx = make_optimizer(t, mask=decay_mask(params_meta))
     layout = make_layout(graphdef, params_meta, tx, mesh)
-    try:
-        restored = checkpoints.restore(layout)
-        if restored is not None:  # the data position (refused if seq_len/packing changed)
-            state, data_state = restored
-            train_iter.set_state(data_state)
-    except BaseException:  # e.g. a config that changes shapes: no save is pending
-        checkpoints.close()
-        raise
+    if checkpoints is None and cfg.checkpoint.enabled:
+        distributed.on_process_0(lambda: workdir_lib.check_disk_space(
+            checkpoint_dir, checkpoint_lib.state_bytes(layout), cfg.checkpoint.keep))
+        checkpoints = checkpoint_lib.Checkpointer(cfg, workdir)
+    elif checkpoints is None:
+        checkpoints = NoCheckpoints()
+    stack.callback(checkpoints.close)
+    preemption.check_startup()
+    restored = checkpoints.restore(layout)
+    if restored is not None:  # the data position (refused if seq_len/packing changed)
+        state, data_state = restored
+        train_iter.set_state(data_state)
     if is_main:  # after the checkpoints accepted this config
         config_lib.save(cfg, workdir / "config.json")
     start = 0 if restored is None else int(jax.device_get(state["step"]))
-    first = None
-    if start < t.steps:  # check the pipeline's output before paying for any compile
-        first = next(train_iter)
-        check_local_batch(first, len(local_rows), seq_len)
+    if start >= t.steps:
+        if is_main:
+            print(f"nothing to do: {workdir} has finished step {start} of train.steps="
+                  f"{t.steps}", flush=True)
+        return []
+    first = next(train_iter)  # check the pipeline's output before paying for any compile
+    check_local_batch(first, len(local_rows), seq_len)
     if restored is None:
         state = init_state(model_cfg, tx, layout, t.seed)
         if stage_sources:
             state = checkpoint_lib.init_from(cfg, layout, state, stage_sources)
+    preemption.check_startup()
 
     # ---- compile -------------------------------------------------------------------
     compile_start = time.perf_counter()
@@ -220,6 +264,7 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
                         out_shardings=replicated(mesh))
     flops = flops_per_token(model_cfg, seq_len)
     peak = cfg.log.peak_flops or peak_flops(jax.devices()[0])
+    preemption.check_startup()
     if is_main:
         print(f"model: {count_params(layout):,} parameters, {flops / 1e6:.1f} MFLOPs per "
               f"token; step compiled in {time.perf_counter() - compile_start:.1f} s; "
@@ -229,64 +274,57 @@ def train(cfg: mlc.ConfigDict, workdir: str | Path, *,
         it = data_pipeline.make_eval_iterator(cfg, rows=local_rows)
         batches = (reorder_batch(b, mesh, cfg.mesh) for b in it)
         try:
-            with activation_sharding(mesh), context_parallel(mesh, cfg.mesh):
+            with tracing(cfg, mesh):
                 return evaluate(eval_step, params, batches, cfg.eval.steps, mesh, rows)
         finally:
             it.close()  # its reading thread
 
     # ---- loop ----------------------------------------------------------------------
     writer = MetricsWriter(workdir, t.steps, start, enabled=is_main)
+    stack.callback(writer.close)
     history: list[dict[str, Any]] = []
     window_start, window_steps = time.perf_counter(), 0
-    preemption = Preemption().install()
-    try:
-        for step in range(start, t.steps):
-            local = first if step == start else next(train_iter)
-            batch = reorder_batch(contract(local), mesh, cfg.mesh)  # the context layout
-            state, metrics = train_step(state, put_batch(batch, mesh, rows))
-            writer.advance()
-            window_steps += 1
-            done = step + 1
-            is_eval = cfg.eval.steps > 0 and (
-                done == t.steps or (cfg.eval.every and done % cfg.eval.every == 0))
-            if done % cfg.log.every == 0 or done in (start + 1, t.steps) or is_eval:
-                metrics = jax.device_get(metrics)
-                step_time = (time.perf_counter() - window_start) / window_steps
-                row = {"loss": metrics["loss"], "lr": metrics["lr"],
-                       "grad_norm": metrics["grad_norm"],
-                       "tokens_per_s": rows * seq_len / step_time, "step_time_s": step_time,
-                       "mfu": mfu(rows * seq_len / step_time, flops, peak, mesh.devices.size),
-                       "nan_skipped": metrics["nan_skipped"]}
-                memory = peak_memory_gb(jax.local_devices())
-                if memory is not None:
-                    row["peak_memory_gb"] = memory
-                if is_eval:
-                    row["val_loss"] = run_eval(state["params"])
-                writer.write(done, row)
-                history.append({"step": done, **{k: None if v is None else float(v)
-                                                 for k, v in row.items()}})
-                if metrics["nan_streak"] >= t.max_nan_streak:
-                    raise NonFiniteLoss(
-                        f"the loss or gradient was NaN or Inf in the last "
-                        f"{int(metrics['nan_streak'])} steps (train.max_nan_streak="
-                        f"{t.max_nan_streak}); those updates were skipped, so the "
-                        "parameters are the last good ones. Lower "
-                        "train.learning_rate or check the data.")
-                window_start, window_steps = time.perf_counter(), 0
-            stop = preemption.reached(done)
-            saved = ((checkpoints.should_save(done) or stop)
-                     and int(state["nan_streak"]) == 0)  # never mid-streak
-            if saved:
-                checkpoints.save(done, state, train_iter.get_state())
-            if stop:
-                if is_main:
-                    print(stopped_message(preemption.signal_name, done, saved, workdir),
-                          flush=True)
-                break
-    finally:
-        preemption.uninstall()
-        writer.close()
-        checkpoints.close()
-        if hasattr(train_iter, "close"):  # reading threads or worker processes
-            train_iter.close()
+    for step in range(start, t.steps):
+        local = first if step == start else next(train_iter)
+        batch = reorder_batch(contract(local), mesh, cfg.mesh)  # the context layout
+        state, metrics = train_step(state, put_batch(batch, mesh, rows))
+        writer.advance()
+        window_steps += 1
+        done = step + 1
+        is_eval = cfg.eval.steps > 0 and (
+            done == t.steps or (cfg.eval.every and done % cfg.eval.every == 0))
+        if done % cfg.log.every == 0 or done in (start + 1, t.steps) or is_eval:
+            metrics = jax.device_get(metrics)
+            step_time = (time.perf_counter() - window_start) / window_steps
+            row = {"loss": metrics["loss"], "lr": metrics["lr"],
+                   "grad_norm": metrics["grad_norm"],
+                   "tokens_per_s": rows * seq_len / step_time, "step_time_s": step_time,
+                   "mfu": mfu(rows * seq_len / step_time, flops, peak, mesh.devices.size),
+                   "nan_skipped": metrics["nan_skipped"]}
+            memory = peak_memory_gb(jax.local_devices())
+            if memory is not None:
+                row["peak_memory_gb"] = memory
+            if is_eval:
+                row["val_loss"] = run_eval(state["params"])
+            writer.write(done, row)
+            history.append({"step": done, **{k: None if v is None else float(v)
+                                             for k, v in row.items()}})
+            if metrics["nan_streak"] >= t.max_nan_streak:
+                raise NonFiniteLoss(
+                    f"the loss or gradient was NaN or Inf in the last "
+                    f"{int(metrics['nan_streak'])} steps (train.max_nan_streak="
+                    f"{t.max_nan_streak}); those updates were skipped, so the "
+                    "parameters are the last good ones. Lower "
+                    "train.learning_rate or check the data.")
+            window_start, window_steps = time.perf_counter(), 0
+        stop = preemption.reached(done)
+        saved = ((checkpoints.should_save(done) or stop)
+                 and int(state["nan_streak"]) == 0)  # never mid-streak
+        if saved:
+            checkpoints.save(done, state, train_iter.get_state())
+        if stop:
+            if is_main:
+                print(stopped_message(preemption.signal_name, done, saved, workdir),
+                      flush=True)
+            break
     return history
