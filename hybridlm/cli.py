@@ -247,13 +247,17 @@ def _add_sweep_parser(sub) -> None:
                        help="sweep file with get_sweep(arg), as FILE or FILE:args "
                        "(e.g. configs/sweeps/context_length.py:lengths=4096+8192)")
     sweep.add_argument("--launcher", choices=("local", "slurm", "print"), default=None,
-                       help="local: run the points here one after another; slurm: submit a "
-                       "job array; print: write the commands")
+                       help="local: run the points here (--jobs chains at a time); slurm: "
+                       "submit a job array; print: write the commands")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="local: run up to N chains at once (a point and the stages that "
+                       "start from it, init_from, run in order; default 1)")
     sweep.add_argument("--root", default=None,
                        help="the sweep's directory: one workdir per point, sweep.json, the "
                        "summary (default runs/<sweep file name>)")
     sweep.add_argument("--only", default=None, metavar="NAME",
-                       help="run just this point (what a slurm array task runs)")
+                       help="run just this point and the stages that start from it (what "
+                       "a slurm array task runs)")
     sweep.add_argument("--summarize", action="store_true",
                        help="gather every point's final metrics and eval results into "
                        "<root>/summary.md, summary.csv and summary.png (after --launcher, if "
@@ -283,7 +287,8 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
         print(format_status(args.sweep, root, status(args.sweep, root, extra)), flush=True)
     if args.launcher is not None:
-        status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only)
+        status = sweep.run(args.sweep, args.launcher, root, extra, only=args.only,
+                           jobs=args.jobs)
         if status != 0:
             return status
         if args.launcher == "local" and args.only is None:  # every point's row, what next

@@ -71,6 +71,7 @@ def defaults() -> mlc.ConfigDict:
     d.weights = ""  # mixing weights of the sources in data.source, comma-separated ("" = equal)
     d.tokenizer = "byte"  # "byte" | "bpe:VOCAB" (trained on the source) | tokenizer.json | .model
     d.eos_token = ""  # end-of-document token of a user tokenizer ("" = the first usual one found)
+    d.bos_token = ""  # its beginning-of-document token ("" = the first usual one, else eos)
     d.text_field = "text"  # the JSONL field / Parquet column that holds the text
     d.on_bad_record = "error"  # a bad JSONL line: "error" (names file:line) | "skip" (and count)
     d.cache_dir = ""  # prepared data and trained BPEs ("" = $HYBRIDLM_CACHE or ~/.cache/hybridlm)

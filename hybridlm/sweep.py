@@ -3,11 +3,14 @@
 A sweep file has `get_sweep(arg) -> list[dict]`; each dict has `config` (a config spec such
 as `configs/paper.py:variant=rope`), optionally `name`, optionally `after` (hybridlm
 commands run on the point's trained workdir, e.g. `["eval", "--task", "niah"]`; each gets
-`--workdir`), and `section.field: value` overrides. Launchers:
+`--workdir`), optionally `init_from` (the name of an earlier point: this point is a new
+stage that starts from that point's trained parameters, `train.init_from`), and
+`section.field: value` overrides. A point and the stages that start from it form a chain,
+which runs in order. Launchers:
   print  write the commands (one per line) and do nothing else
-  local  run the points one after another here; finished points are skipped and
+  local  run the chains here, `jobs` of them at a time; finished points are skipped and
          interrupted ones resume from their checkpoints
-  slurm  write a job-array script (one array task per point) and submit it with sbatch
+  slurm  write a job-array script (one array task per chain) and submit it with sbatch
 The local launcher records each attempt in the point's workdir (`record_attempt`);
 hybridlm/sweep_status.py reads the workdirs while points run (`hybridlm sweep --status`).
 """
@@ -23,7 +26,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +48,26 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
         point.setdefault("name", point_name(point))
         if point["name"] in names:
             raise ConfigError(f"{path}: two sweep points are named {point['name']!r}")
+        if point.get("init_from") is not None and point["init_from"] not in names:
+            raise ConfigError(f"{path}: sweep point {point['name']!r} starts from "
+                              f"{point['init_from']!r} (init_from), which is no earlier point")
         names.add(point["name"])
     return points
+
+
+def chains(points: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The points grouped into chains: a point without init_from, then (in sweep order) the
+    points that start from it or from a later stage of it."""
+    out: list[list[dict[str, Any]]] = []
+    chain_of: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        start = point.get("init_from")
+        chain = chain_of[start] if start is not None else []
+        if start is None:
+            out.append(chain)
+        chain.append(point)
+        chain_of[point["name"]] = chain
+    return out
 
 
 def point_name(point: dict[str, Any]) -> str:
@@ -54,13 +77,15 @@ def point_name(point: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=._+-]+", "_", ",".join(p for p in parts if p)) or "point"
 
 
-NOT_OVERRIDES = ("config", "name", "after")
+NOT_OVERRIDES = ("config", "name", "after", "init_from")
 
 
 def command(point: dict[str, Any], root: Path, extra: list[str] = ()) -> list[str]:
     cmd = ["hybridlm", "train", "--config", point["config"], "--workdir",
            str(root / point["name"])]
     cmd += [f"--config.{o}" for o in overrides(point)]
+    if point.get("init_from") is not None:
+        cmd.append(f"--config.train.init_from={root / point['init_from']}")
     return cmd + list(extra)
 
 
@@ -91,7 +116,8 @@ def overrides(point: dict[str, Any]) -> list[str]:
 
 
 def check_points(points: list[dict[str, Any]], extra: list[str] = ()) -> None:
-    """Every point's config must load (and validate) before the first one starts."""
+    """Every point's config must load (and validate) before the first one starts (a later
+    stage without its train.init_from, whose workdir does not exist yet)."""
     shared = [e.removeprefix("--config.") for e in extra if e.startswith("--config.")]
     for point in points:
         try:
@@ -101,16 +127,16 @@ def check_points(points: list[dict[str, Any]], extra: list[str] = ()) -> None:
 
 
 def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
-        only: str | None = None) -> int:
-    """Run (local), submit (slurm) or print the points' commands (`only`: one point)."""
+        only: str | None = None, jobs: int = 1) -> int:
+    """Run (local, `jobs` chains at a time), submit (slurm) or print the points' commands
+    (`only`: one point and the stages that start from it)."""
     if launcher not in ("local", "slurm", "print"):
         raise ConfigError(f"--launcher {launcher!r}: choose local, slurm or print")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least 1 chain at a time")
     points = load_sweep(spec)
     if only is not None:
-        points = [p for p in points if p["name"] == only]
-        if not points:
-            names = [p["name"] for p in load_sweep(spec)]
-            raise ConfigError(f"--only {only!r}: the sweep has no such point; it has {names}")
+        points = _only(points, only, root)
     check_points(points, extra)
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps({"sweep": spec, "points": points,
@@ -120,17 +146,84 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
             print(full_command(point, root, extra))
         return 0
     if launcher == "slurm":
-        return _submit_slurm(spec, points, root, extra)
-    for i, point in enumerate(points):
-        workdir = root / point["name"]
+        return _submit_slurm(spec, chains(points), root, extra)
+    children = _Children()
+    previous = {s: signal.signal(s, children.forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    numbers = {p["name"]: i + 1 for i, p in enumerate(points)}
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            statuses = list(pool.map(lambda c: _run_chain(c, root, extra, children, numbers),
+                                     chains(points)))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    failed = next((s for s in statuses if s != 0), 0)
+    if failed == 0:
+        print(f"sweep: all {len(points)} points finished under {root}", flush=True)
+    return failed
+
+
+def _only(points: list[dict[str, Any]], only: str, root: Path) -> list[dict[str, Any]]:
+    """The point `only` and the later stages that start from it."""
+    by_name = {p["name"]: p for p in points}
+    if only not in by_name:
+        raise ConfigError(f"--only {only!r}: the sweep has no such point; it has "
+                          f"{list(by_name)}")
+    start = by_name[only].get("init_from")
+    if start is not None and not is_finished(root / start):
+        raise ConfigError(f"--only {only!r} starts from point {start!r}, which has not "
+                          "finished training; run that one first")
+    keep = {only}
+    for p in points:
+        if p.get("init_from") in keep:
+            keep.add(p["name"])
+    return [p for p in points if p["name"] in keep]
+
+
+class _Children:
+    """The running commands of a local sweep. SIGTERM/SIGINT sent to the sweep go to each
+    (a training run saves a checkpoint and exits), nothing new starts, and the sweep waits
+    for them instead of orphaning them."""
+
+    def __init__(self):
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def run(self, cmd: list[str]) -> int:
+        with self.lock:
+            if self.stopping:
+                return 1
+            child = subprocess.Popen(cmd)
+            self.live.add(child)
+        try:
+            return child.wait()
+        finally:
+            with self.lock:
+                self.live.discard(child)
+
+    def forward(self, signum, frame) -> None:
+        with self.lock:
+            self.stopping = True
+            for child in self.live:
+                child.send_signal(signum)
+
+
+def _run_chain(chain: list[dict[str, Any]], root: Path, extra, children: _Children,
+               numbers: dict[str, int]) -> int:
+    """Train each point of a chain (unless finished) and run its after-commands, in order;
+    stop at the first failure."""
+    for point in chain:
+        if children.stopping:  # the sweep was signalled: start nothing, record nothing
+            return 1
+        workdir, label = root / point["name"], f"[{numbers[point['name']]}/{len(numbers)}]"
         if is_finished(workdir):
-            print(f"[{i + 1}/{len(points)}] {point['name']}: trained, skipped", flush=True)
+            print(f"{label} {point['name']}: trained, skipped", flush=True)
         else:
-            print(f"[{i + 1}/{len(points)}] {point['name']}: running", flush=True)
+            print(f"{label} {point['name']}: running", flush=True)
             cmd = command(point, root, extra)
             record_attempt(workdir, "running")
-            returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli",
-                                                 *cmd[1:]])
+            returncode = children.run([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
             record_attempt(workdir, "done" if is_finished(workdir) else
                            "failed" if returncode else "stopped", returncode)
             if returncode != 0:
@@ -141,22 +234,22 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
                 print(f"sweep: point {point['name']} stopped before its train.steps; rerun "
                       "the same command to resume it", file=sys.stderr)
                 return 1
-        returncode = run_after(point, root)
+        returncode = run_after(point, root, children)
         if returncode != 0:
             return returncode
-    print(f"sweep: all {len(points)} points finished under {root}", flush=True)
     return 0
 
 
-def run_after(point: dict[str, Any], root: Path) -> int:
+def run_after(point: dict[str, Any], root: Path, children: _Children | None = None) -> int:
     """Each after-command once: a marker under WORKDIR/after/ records the ones that ran."""
+    children = children or _Children()
     markers = root / point["name"] / "after"
     for k, cmd in enumerate(after_commands(point, root)):
         marker = markers / f"{k}.done"
         if marker.exists():
             continue
         print(f"  {point['name']}: {shlex.join(cmd[1:])}", flush=True)
-        returncode = run_forwarding_signals([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
+        returncode = children.run([sys.executable, "-m", "hybridlm.cli", *cmd[1:]])
         if returncode != 0:
             print(f"sweep: {shlex.join(cmd)} failed with status {returncode}; rerun the "
                   "sweep to retry it", file=sys.stderr)
@@ -166,40 +259,26 @@ def run_after(point: dict[str, Any], root: Path) -> int:
     return 0
 
 
-def run_forwarding_signals(cmd: list[str]) -> int:
-    """Run one point; SIGTERM/SIGINT sent to the sweep go to the point's training run (which
-    saves a checkpoint and exits), and the sweep waits for it instead of orphaning it."""
-    child = subprocess.Popen(cmd)
-
-    def forward(signum, frame) -> None:
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return child.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _array_task(spec: str, point: dict[str, Any], root: Path, extra) -> str:
-    """A point's array-task command: its training run, or, when it has after-commands, this
-    sweep restricted to it (which forwards SIGTERM to whichever command runs)."""
-    if not point.get("after"):
-        return shlex.join(command(point, root, extra))
+def _array_task(spec: str, chain: list[dict[str, Any]], root: Path, extra) -> str:
+    """A chain's array-task command: its one training run, or, when it has after-commands
+    or later stages, this sweep restricted to it (which forwards SIGTERM to whichever
+    command runs)."""
+    first = chain[0]
+    if len(chain) == 1 and not first.get("after"):
+        return shlex.join(command(first, root, extra))
     return shlex.join(["hybridlm", "sweep", "--sweep", spec, "--root", str(root), "--launcher",
-                       "local", "--only", point["name"], *extra])
+                       "local", "--only", first["name"], *extra])
 
 
-def _submit_slurm(spec: str, points, root: Path, extra) -> int:
+def _submit_slurm(spec: str, point_chains, root: Path, extra) -> int:
     # sbatch's own SBATCH_* variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, ...) add resources;
     # SIGTERM three minutes before the limit (B: the batch shell, which exec makes the
     # training process): the point saves, and a resubmission resumes it
     lines = ["#!/usr/bin/env bash", "#SBATCH --job-name=hybridlm-sweep",
-             f"#SBATCH --array=0-{len(points) - 1}", "#SBATCH --signal=B:TERM@180",
+             f"#SBATCH --array=0-{len(point_chains) - 1}", "#SBATCH --signal=B:TERM@180",
              f"#SBATCH --output={root}/%x-%A_%a.out", "set -euo pipefail",
-             "cmds=("] + [f"  {shlex.quote(_array_task(spec, p, root, extra))}"
-                          for p in points]
+             "cmds=("] + [f"  {shlex.quote(_array_task(spec, c, root, extra))}"
+                          for c in point_chains]
     lines += [")", 'eval "exec ${cmds[$SLURM_ARRAY_TASK_ID]}"']
     script = root / "sweep.sbatch"
     script.write_text("\n".join(lines) + "\n")

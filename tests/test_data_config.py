@@ -26,7 +26,7 @@ BAD = [
     (["data.source=stdlib,stdlib", "data.weights=1,0"], "need 2 positive numbers"),
     (["data.weights=heavy"], "data.weights 'heavy': give comma-separated numbers"),
     (["data.tokenizer=bpe:big"], "data.tokenizer 'bpe:big': write bpe:VOCAB"),
-    (["data.tokenizer=bpe:100"], "a byte-level BPE needs a vocabulary of at least 259"),
+    (["data.tokenizer=bpe:100"], "a byte-level BPE needs a vocabulary of at least 260"),
     (["data.tokenizer=bpe:1024"], "model.vocab_size (512) is smaller than the tokenizer "
      "'bpe:1024''s vocabulary (1024)"),
     (["data.tokenizer=/no/such/tokenizer.json"], "data.tokenizer '/no/such/tokenizer.json': "

@@ -9,7 +9,7 @@ import pytest
 from hybridlm.config import ConfigError
 from hybridlm.data import plan
 from hybridlm.data.pipeline import data_record, make_eval_iterator, make_train_iterator
-from tests.test_data_sources import CORPUS_FILES, data_config, make_corpus, oracle_tokens
+from tests.test_data_sources import BOS, CORPUS_FILES, data_config, make_corpus, oracle_tokens
 
 EOS = 256
 SEQ = 128
@@ -215,9 +215,9 @@ def test_sources_mix_in_proportion_to_their_weights(tmp_path, cache, corpus_dir,
     cfg = config(cache, f"{corpus_dir},{other}", "data.weights=3,1", "data.val_fraction=0.0")
     rows = take(make_train_iterator(cfg, progress=False), 40)
     pieces = [s for b in rows for s in segments(b)]
-    from_other = sum(set(p) <= {ord("x"), EOS} for p in pieces)
+    from_other = sum(set(p) <= {ord("x"), BOS, EOS} for p in pieces)
     known = set(p for ps in doc_pieces.values() for p in ps)
-    assert all(p in known or set(p) <= {ord("x"), EOS} for p in pieces)
+    assert all(p in known or set(p) <= {ord("x"), BOS, EOS} for p in pieces)
     assert 0.15 < from_other / len(pieces) < 0.35
     it = make_train_iterator(cfg, progress=False)
     take(it, 25)

@@ -37,9 +37,12 @@ def data_config(cache: Path, source, *overrides):
                                                f"data.source={source}", *overrides])
 
 
+BOS = 259  # the byte tokenizer's beginning-of-document id: every prepared document starts so
+
+
 def oracle_tokens(path: Path) -> list[int]:
-    """Byte-tokenizer ids of a file, computed without hybridlm."""
-    return list(path.read_bytes().decode("utf-8", errors="replace").encode())
+    """Prepared byte-tokenizer ids of a file (BOS, then its UTF-8 bytes), without hybridlm."""
+    return [BOS] + list(path.read_bytes().decode("utf-8", errors="replace").encode())
 
 
 def test_prepare_writes_every_document_and_reads_back_exactly(tmp_path):
@@ -75,7 +78,7 @@ def test_the_cache_is_reused_and_follows_changes(tmp_path):
     changed = prepare.resolve(cfg.data, progress=False)[1][0][0]
     assert changed.directory != first.directory
     assert changed.manifest["tokens"] == first.manifest["tokens"] - \
-        len(oracle_tokens(STDLIB / CORPUS_FILES[0])) + len(b"changed\n")
+        len(oracle_tokens(STDLIB / CORPUS_FILES[0])) + len(b"changed\n") + 1  # its BOS
 
 
 def test_builtin_stdlib_corpus_prepares_with_counted_repairs(tmp_path):
@@ -96,8 +99,8 @@ def test_builtin_stdlib_corpus_prepares_with_counted_repairs(tmp_path):
     assert m["documents"] == len(non_empty)
     assert m["counts"].get("empty", 0) == len(texts) - len(non_empty)
     assert m["counts"].get("non_utf8", 0) == not_utf8
-    assert m["tokens"] == sum(len(t.encode()) for t in non_empty)
-    assert m["longest"] == max(len(t.encode()) for t in non_empty)
+    assert m["tokens"] == sum(1 + len(t.encode()) for t in non_empty)  # BOS + bytes
+    assert m["longest"] == 1 + max(len(t.encode()) for t in non_empty)
 
 
 def test_text_that_is_not_utf8_and_empty_files_are_counted(tmp_path):
@@ -110,7 +113,7 @@ def test_text_that_is_not_utf8_and_empty_files_are_counted(tmp_path):
     cfg = data_config(tmp_path / "cache", f"text:{src}")
     m = prepare.resolve(cfg.data, progress=False)[1][0][0].manifest
     assert m["counts"] == {"documents": 2, "empty": 1, "non_utf8": 1}
-    assert m["tokens"] == len("caf\ufffd cr\ufffdme\n".encode()) + len(b"hello\n")
+    assert m["tokens"] == len("caf\ufffd cr\ufffdme\n".encode()) + len(b"hello\n") + 2  # BOSes
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -127,7 +130,7 @@ def test_jsonl_bad_lines_are_errors_with_file_and_line(tmp_path):
     cfg.data.on_bad_record = "skip"
     m = prepare.resolve(cfg.data, progress=False)[1][0][0].manifest
     assert m["counts"] == {"documents": 2, "bad_json": 1, "missing_field": 2, "empty": 1}
-    assert m["tokens"] == len(b"onetwo")
+    assert m["tokens"] == len(b"onetwo") + 2  # and a BOS each
 
 
 def test_jsonl_missing_field_names_it_and_the_fields_present(tmp_path):
@@ -136,7 +139,7 @@ def test_jsonl_missing_field_names_it_and_the_fields_present(tmp_path):
     with pytest.raises(ConfigError, match=r"d.jsonl:1: no field 'text' \(has \['body', 'id'\]\)"):
         prepare.resolve(cfg.data, progress=False)
     cfg.data.text_field = "body"
-    assert prepare.resolve(cfg.data, progress=False)[1][0][0].manifest["tokens"] == 1
+    assert prepare.resolve(cfg.data, progress=False)[1][0][0].manifest["tokens"] == 2  # BOS, "x"
 
 
 def test_parquet_column_is_read_with_nulls_counted(tmp_path):
@@ -148,7 +151,7 @@ def test_parquet_column_is_read_with_nulls_counted(tmp_path):
     cfg = data_config(tmp_path / "cache", tmp_path / "a.parquet", "data.text_field=content")
     prepared = prepare.resolve(cfg.data, progress=False)[1][0][0]
     assert prepared.manifest["counts"] == {"documents": 2, "empty": 2}
-    assert prepared.lengths.tolist() == [len("first document"), len("second")]
+    assert prepared.lengths.tolist() == [1 + len("first document"), 1 + len("second")]
     cfg.data.text_field = "text"
     with pytest.raises(ConfigError, match=r"no column 'text' \(columns: \['content', 'n'\]\)"):
         prepare.resolve(cfg.data, progress=False)

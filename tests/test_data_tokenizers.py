@@ -77,7 +77,7 @@ def test_vocab_checks_name_the_sizes(bpe, tmp_path):
         check_vocab(small)
     small.model.vocab_size = 512
     assert check_vocab(small) == tokenizer.vocab_size
-    assert check_vocab(data_config(tmp_path, "stdlib")) == 259
+    assert check_vocab(data_config(tmp_path, "stdlib")) == 260
 
 
 def test_user_tokenizer_json_needs_an_end_of_document_token(tmp_path):

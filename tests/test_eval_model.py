@@ -19,7 +19,11 @@ def test_attention_analysis_per_layer_and_type():
     result = analysis.analyze_sample(model, sample, TOK.encode(sample.answer))
     exact = len(sample.ids) + len(TOK.encode(sample.answer)) - sample.question_span[0]
     padded = analysis.analyze_sample(model, sample, TOK.encode(sample.answer), exact + 9)
-    assert padded["overall"] == pytest.approx(result["overall"], abs=1e-5)  # extra rows: weight 0
+    for key in ("overall", "uniform"):  # extra rows: weight 0, in the masses and the baseline
+        got, want = (r["overall"] if key == "overall" else r["overall"]["uniform"]
+                     for r in (padded, result))
+        assert {k: v for k, v in got.items() if k != "uniform"} == pytest.approx(
+            {k: v for k, v in want.items() if k != "uniform"}, abs=1e-5)
     assert [r["type"] for r in result["per_layer"]] == ["local", "local", "local", "global"]
     for row in result["per_layer"]:
         assert sum(row[s] for s in SEGMENTS) == pytest.approx(1.0, abs=1e-4)
@@ -29,7 +33,8 @@ def test_attention_analysis_per_layer_and_type():
             assert row["entropy"] <= np.log(5) + 1e-4
     assert result["by_type"]["global"]["context"] > 0.5  # an untrained NoPE layer looks broadly
     avg = analysis.average([result, result])
-    assert avg["overall"] == pytest.approx(result["overall"])
+    assert {k: v for k, v in avg["overall"].items() if k != "uniform"} == pytest.approx(
+        {k: v for k, v in result["overall"].items() if k != "uniform"})
 
 
 def test_loss_by_position_buckets_and_batches():

@@ -233,9 +233,9 @@ def test_byte_tokenizer_exports_as_an_equivalent_tokenizer_json(exported):
     tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     text = "naïve 日本 <eos> tabs\tand\nlines"
     assert tok(text)["input_ids"] == ByteTokenizer().encode(text).tolist()
-    assert tok.eos_token_id == ByteTokenizer.EOS
-    assert json.loads((directory / "config.json").read_text())["eos_token_id"] == \
-        ByteTokenizer.EOS
+    assert tok.eos_token_id == ByteTokenizer.EOS and tok.bos_token_id == ByteTokenizer.BOS
+    config = json.loads((directory / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"]) == (ByteTokenizer.EOS, 259)
 
 
 def test_a_tokenizer_json_is_copied_and_imported(exported, tmp_path):
@@ -248,11 +248,13 @@ def test_a_tokenizer_json_is_copied_and_imported(exported, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == path.read_bytes()
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"), local_files_only=True)
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    assert tok.bos_token == "<|startoftext|>" and tok.bos_token_id == 2  # a BPE trained here
     text = "the lazy fox <|endoftext|> jumps"
     assert tok(text)["input_ids"] == HFTokenizer(path, str(path)).encode(text).tolist()
     imported, _ = hf.load_hf(tmp_path / "out")
     assert imported.data.tokenizer == str((tmp_path / "out" / "tokenizer.json").absolute())
     assert imported.data.eos_token == "<|endoftext|>"
+    assert imported.data.bos_token == "<|startoftext|>"
     config_lib.validate(imported)
 
 

@@ -218,6 +218,61 @@ def test_after_commands_run_once_on_a_trained_point(tmp_path, capfd):
         sweep.run(str(spec), "local", root, only="b")
 
 
+STAGE_SWEEP = """
+def get_sweep(arg=None):
+    return [{"name": "a", "config": "configs/tiny.py", "train.steps": 3},
+            {"name": "c", "config": "configs/tiny.py", "train.steps": 3},
+            {"name": "a_ext", "config": "configs/tiny.py", "train.steps": 3,
+             "after": [["prepare", "--help"]], "init_from": "a", "data.seq_len": 1024}]
+"""
+
+
+def _trained(workdir: Path) -> None:
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"train": {"steps": 3}}))
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+
+
+def test_stages_chain_behind_their_point_and_chains_run_in_parallel(tmp_path, capfd):
+    """A point with init_from starts from an earlier point's workdir and runs after it, in
+    its chain; --jobs runs chains side by side; --only takes a chain's later stages along;
+    slurm gets one array task per chain."""
+    spec = tmp_path / "stage_sweep.py"
+    spec.write_text(STAGE_SWEEP)
+    root = tmp_path / "s"
+    points = sweep.load_sweep(str(spec))
+    assert [[p["name"] for p in c] for c in sweep.chains(points)] == [["a", "a_ext"], ["c"]]
+    assert sweep.command(points[2], root)[-1] == f"--config.train.init_from={root / 'a'}"
+    assert "init_from" not in " ".join(sweep.command(points[0], root))
+    with pytest.raises(ConfigError, match="--only 'a_ext' starts from point 'a'"):
+        sweep.run(str(spec), "local", root, only="a_ext")
+    for name in ("a", "c", "a_ext"):
+        _trained(root / name)
+    assert sweep.run(str(spec), "local", root, jobs=2) == 0
+    out = capfd.readouterr().out
+    assert out.count("usage: hybridlm prepare") == 1 and (root / "a_ext/after/0.done").exists()
+    assert out.index("a: trained, skipped") < out.index("a_ext: trained, skipped")
+    assert sweep.run(str(spec), "print", root, only="a") == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert len(lines) == 2 and f"--workdir {root / 'a'} " in lines[0]
+    assert f"--workdir {root / 'a_ext'} " in lines[1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    os.environ["PATH"], path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}", os.environ["PATH"]
+    try:
+        assert sweep.run(str(spec), "slurm", root) == 0
+    finally:
+        os.environ["PATH"] = path
+    text = (root / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in text and "--launcher local --only a'" in text
+    bad = tmp_path / "bad_sweep.py"
+    bad.write_text(STAGE_SWEEP.replace('"init_from": "a"', '"init_from": "zz"'))
+    with pytest.raises(ConfigError, match="starts from 'zz' .init_from., which is no earlier"):
+        sweep.load_sweep(str(bad))
+
+
 def fake_point(workdir: Path, steps: int, logged: int, attempt: dict | None = None) -> None:
     """A point's workdir as training leaves it: config.json, `logged` metrics rows."""
     workdir.mkdir(parents=True)

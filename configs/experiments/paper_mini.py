@@ -1,45 +1,103 @@
-"""The paper in miniature: the variants it compares, trained alike, then measured alike.
+"""The paper in miniature: RoPE against RNoPE-SWA, seeds, a context-extension stage.
 
-    hybridlm sweep --sweep configs/experiments/paper_mini.py --launcher local --root runs/mini
-    hybridlm sweep --sweep configs/experiments/paper_mini.py --root runs/mini --summarize
+    hybridlm sweep --sweep configs/experiments/paper_mini.py --launcher local --jobs 2 \
+        --root runs/mini
+    hybridlm sweep --sweep configs/experiments/paper_mini.py --root runs/mini --summarize \
+        --report docs/experiments.md
 
-Every point trains configs/paper.py at one size on the same mixture (the built-in corpus plus
-synthetic retrieval documents from the evaluation's generators, train content only:
-hybridlm/data/synthetic.py), with the same seed, batch and steps (the same tokens), then runs
-the evaluation and the attention analysis on its own checkpoint (the point's "after"
-commands). Defaults fit a 2-core CPU in about an hour; a GPU/TPU run is one argument away:
+Every variant trains `seeds` times (seeds change the parameters and the data order) as a
+chain of stages, each starting from the previous one's parameters (train.init_from):
+
+1. `<variant>_warm_s<seed>`: induction practice, `warm_steps` steps at `warm_len` tokens on
+   random strings repeated (`retrieval:COUNT:CHARS:repeat`). A model this small trained on
+   needles alone sits on the loss plateau that precedes copying for thousands of steps (it
+   answers the most common number); short rows of pure repetition give the look-back-and-copy
+   circuit the densest signal for the least compute.
+2. `<variant>_s<seed>`: `steps` steps at `seq_len` on the built-in corpus plus single-needle
+   documents in the evaluation's format and repeats (hybridlm/data/synthetic.py, training-split
+   keys and values only). Evaluated at 1x, 2x, 4x and 8x seq_len: needles with held-out and
+   training-range values, RULER-style tasks, held-out loss by length, and the attention
+   analysis at 1x and 4x.
+3. `<variant>_ext_s<seed>` (when ext_steps > 0): the paper's context-extension stage,
+   `ext_steps` more steps at `ext_factor` x seq_len, with RoPE theta raised to `ext_theta` for
+   the full-attention RoPE layers (RNoPE-SWA's RoPE layers keep theta: their window does not
+   grow), then the same evaluations.
+
+`--jobs 2` runs two chains at a time, one per core of a 2-core CPU. The defaults are the CPU
+miniature (a 0.2M-parameter model: d_model 64, 4 layers of 4 x 16 heads, byte vocabulary);
+docs/experiments.md has its numbers and wall times. A GPU/TPU runs the same comparison at
+scale with `size=` one of hybridlm/config.py MODEL_SIZES, e.g.
 
     --sweep configs/experiments/paper_mini.py:size=150m,seq_len=8192,window=1024,steps=20000
 
-Arguments: variants ('+'-separated), size, seq_len, window, steps, batch, retrieval (share of
-retrieval documents in the mixture, 0..1), seed.
+Arguments: variants ('+'-separated), seeds, size ('mini' or a MODEL_SIZES name), seq_len,
+window, steps, batch, lr, warm_len, warm_steps, warm_batch, needles (share of needle
+documents in stage 2), repeats (share of repeat documents in stage 2), ext_factor,
+ext_steps (0: no extension stage), ext_theta, ext_lr, samples (needles per depth and length).
 """
 
 from hybridlm.config import parse_arg
 
-VARIANTS = "rope+nope+qknorm+rnope+rnope_swa"
+VARIANTS = "rope+rnope_swa"
+BASE_THETA = 10_000.0  # configs/paper.py's RoPE theta
+MINI = {"model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 4,
+        "model.head_dim": 16, "model.mlp_dim": 256, "model.vocab_size": 260}
+DOCUMENTS = 20_000  # synthetic documents per source (more than a miniature reads)
+
+
+def evaluations(seq_len: int, samples: int) -> list[list[str]]:
+    """Needles (5 depths x `samples` per length), RULER, held-out loss, attention analysis."""
+    lengths = ",".join(str(seq_len * k) for k in (1, 2, 4, 8))
+    return [["eval", "--task", "niah", "--lengths", lengths, "--samples", str(samples),
+             "--quiet"],
+            ["eval", "--task", "ruler", "--lengths", lengths, "--samples", "1", "--quiet"],
+            ["eval", "--task", "ppl", "--lengths", lengths, "--quiet"],
+            ["analyze", "--lengths", f"{seq_len},{seq_len * 4}", "--quiet"]]
 
 
 def get_sweep(arg=None):
-    arg = parse_arg(arg, variants=VARIANTS, size="tiny", seq_len=512, window=128, steps=100,
-                    batch=16, retrieval=0.5, seed=0)
-    lengths = ",".join(str(arg.seq_len * k) for k in (1, 2, 4, 8))
-    mixture = {"data.source": f"stdlib,retrieval:20000:{arg.seq_len}",
-               "data.weights": f"{1 - arg.retrieval},{arg.retrieval}"}
+    arg = parse_arg(arg, variants=VARIANTS, seeds=2, size="mini", seq_len=256, window=64,
+                    steps=1200, batch=8, lr=3e-3, warm_len=64, warm_steps=3000, warm_batch=16,
+                    needles=0.6, repeats=0.25, ext_factor=4, ext_steps=0,
+                    ext_theta=100_000.0, ext_lr=1e-3, samples=20)
+    size = MINI if arg.size == "mini" else {}
+    config = (f"configs/paper.py:size={'tiny' if arg.size == 'mini' else arg.size},"
+              f"window={arg.window}")
+    common = {**size, "eval.steps": 4, "eval.every": 0, "checkpoint.every": 0, "log.every": 50}
+
+    def mixture(length: int) -> dict:
+        text = 1 - arg.needles - arg.repeats
+        return {"data.source": f"stdlib,retrieval:{DOCUMENTS}:{length}:niah_single,"
+                               f"retrieval:{DOCUMENTS}:{length}:repeat",
+                "data.weights": f"{text:g},{arg.needles:g},{arg.repeats:g}"}
+
     points = []
     for variant in arg.variants.split("+"):
-        points.append({
-            "name": variant,
-            "config": f"configs/paper.py:variant={variant},size={arg.size},"
-                      f"seq_len={arg.seq_len},window={arg.window}",
-            **mixture,
-            "train.steps": arg.steps,
-            "train.batch_size": arg.batch,
-            "train.warmup_steps": max(arg.steps // 10, 1),
-            "train.seed": arg.seed,
-            "after": [
-                ["eval", "--task", "all", "--lengths", lengths],
-                ["analyze", "--lengths", f"{arg.seq_len},{arg.seq_len * 4}"],
-            ],
-        })
+        for seed in range(arg.seeds):
+            warm, base = f"{variant}_warm_s{seed}", f"{variant}_s{seed}"
+            points.append({
+                "name": warm, "config": f"{config},variant={variant},seq_len={arg.warm_len}",
+                **common, "data.source": f"retrieval:{DOCUMENTS}:{arg.warm_len}:repeat",
+                "train.steps": arg.warm_steps, "train.batch_size": arg.warm_batch,
+                "train.learning_rate": arg.lr, "train.warmup_steps": 30, "train.seed": seed})
+            points.append({
+                "name": base, "init_from": warm,
+                "config": f"{config},variant={variant},seq_len={arg.seq_len}",
+                **common, **mixture(arg.seq_len),
+                "train.steps": arg.steps, "train.batch_size": arg.batch,
+                "train.learning_rate": arg.lr, "train.warmup_steps": 30, "train.seed": seed,
+                "after": evaluations(arg.seq_len, arg.samples)})
+            if arg.ext_steps <= 0:
+                continue
+            ext_len = arg.seq_len * arg.ext_factor
+            theta = arg.ext_theta if variant != "rnope_swa" else BASE_THETA
+            points.append({
+                "name": f"{variant}_ext_s{seed}", "init_from": base,
+                "config": f"{config},variant={variant},seq_len={ext_len},theta={theta}",
+                **common, **mixture(ext_len),
+                "train.steps": arg.ext_steps,
+                "train.batch_size": max(arg.batch // arg.ext_factor, 1),
+                "train.learning_rate": arg.ext_lr,
+                "train.warmup_steps": max(arg.ext_steps // 10, 1),
+                "train.seed": seed, "after": evaluations(arg.seq_len, arg.samples)})
     return points

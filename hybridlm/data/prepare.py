@@ -2,8 +2,9 @@
 
 A prepared directory holds
   tokens-NNNNN.array_record   records of at most RECORD_TOKENS consecutive tokens of one
-                              document (so reading a piece of a long document reads only the
-                              records it overlaps), uint16 or uint32 (see manifest "dtype")
+                              document, its BOS first (so reading a piece of a long document
+                              reads only the records it overlaps), uint16 or uint32
+                              (see manifest "dtype")
   index.npz                   per document: length, first record, name hash (the split)
   documents.txt               per document: its name (file, file:line or file#row)
   tokenizer.json / .model     the tokenizer's file, when it has one
@@ -13,7 +14,9 @@ preparing the same data never leaves a half-written directory behind.
 
 Raw sources are prepared into the cache (data.cache_dir, else $HYBRIDLM_CACHE, else
 ~/.cache/hybridlm) under a key of the source's files (paths, sizes, mtimes) and the
-tokenizer, so `hybridlm train` prepares the built-in corpus on first use and reuses it.
+tokenizer (its BOS id too), so `hybridlm train` prepares the built-in corpus on first use
+and reuses it. The key and the manifest carry PREPARE_VERSION: data prepared by an older
+format (version 1 had no BOS) is neither found in the cache nor read from a directory.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from hybridlm.data import split
 from hybridlm.data import tokenizers as tok_lib
 from hybridlm.errors import ConfigError
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: every document starts with the tokenizer's BOS
 RECORD_TOKENS = 4096  # tokens per ArrayRecord record
 SHARD_BYTES = 256 << 20  # start a new shard after this many bytes of tokens
 BPE_TRAIN_BYTES = 256 << 20  # a BPE trains on at most this much training-split text
@@ -54,7 +57,7 @@ class Prepared:
 
     directory: Path
     manifest: dict[str, Any]
-    lengths: np.ndarray  # int64 [documents]: tokens per document (EOS not counted)
+    lengths: np.ndarray  # int64 [documents]: tokens per document, BOS counted, EOS not
     first_record: np.ndarray  # int64 [documents]
     name_hashes: np.ndarray  # int64 [documents]
 
@@ -146,7 +149,7 @@ def _write_prepared(spec: sources_lib.SourceSpec, files: list[Path], tokenizer, 
                     shards.append(f"tokens-{len(shards):05d}.array_record")
                     writer, shard_bytes = ArrayRecordWriter(str(tmp / shards[-1]),
                                                             "group_size:1"), 0
-                data = ids.astype(dtype)
+                data = np.concatenate([[record["bos_id"]], ids]).astype(dtype)
                 lengths.append(len(data))
                 first_record.append(n_records)
                 hashes.append(split.name_hash(name))
@@ -224,6 +227,11 @@ def resolve(data: mlc.ConfigDict, progress: bool = True,
                     f"{recorded['spec']!r} ({recorded['type']}, vocab {recorded['vocab_size']}), "
                     f"but data.tokenizer is {data.tokenizer!r} (another tokenizer); set "
                     f"data.tokenizer to match or prepare the source again")
+            if recorded["bos_id"] != tokenizer.bos_id:
+                raise ConfigError(
+                    f"data.source {spec.location!r} starts documents with token "
+                    f"{recorded['bos_id']}, but data.tokenizer's BOS is {tokenizer.bos_id}; "
+                    "set data.bos_token to match or prepare the source again")
         else:
             prepared = ensure_source(spec, raw[spec], tokenizer, data, root, progress)
         out.append((prepared, weight))
@@ -249,8 +257,8 @@ def ensure_source(spec: sources_lib.SourceSpec, files: list[Path], tokenizer,
     """The cached preparation of a raw source, made now if it does not exist yet."""
     source_fp = sources_lib.fingerprint(spec, files)
     record = tokenizer.describe()
-    key = _key(PREPARE_VERSION, source_fp, record["fingerprint"], data.text_field,
-               data.on_bad_record)
+    key = _key(PREPARE_VERSION, source_fp, record["fingerprint"], record["bos_id"],
+               data.text_field, data.on_bad_record)
     name = Path(spec.location.rstrip("/")).name if spec.location else ""
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{spec.kind}-{name}")
     slug = slug.rstrip("-")[:48]
@@ -272,7 +280,7 @@ def _resolve_tokenizer(data: mlc.ConfigDict, raw: dict, given: list[Prepared], r
     spec = data.tokenizer
     vocab = tok_lib.parse_bpe_spec(spec)
     if vocab is None:
-        return tok_lib.get_tokenizer(spec, data.eos_token)
+        return tok_lib.get_tokenizer(spec, data.eos_token, data.bos_token)
     if not raw:  # only prepared sources: the BPE they were prepared with
         recorded = given[0].manifest["tokenizer"]
         if recorded["spec"] != spec:

@@ -7,7 +7,7 @@ A source spec is one of
   [jsonl:]PATH                     JSON lines (*.jsonl); data.text_field holds the text
   [parquet:]PATH                   Parquet files (*.parquet); data.text_field is the column
   [prepared:]DIR                   the output of `hybridlm prepare` (holds manifest.json)
-  retrieval:COUNT[:CHARS]          synthetic retrieval documents (hybridlm/data/synthetic.py)
+  retrieval:COUNT[:CHARS[:TASKS]]  synthetic retrieval documents (hybridlm/data/synthetic.py)
 Without a prefix the kind follows from the path. Several sources are separated by commas
 and mixed with data.weights.
 
@@ -121,11 +121,19 @@ def source_files(spec: SourceSpec, cache_root: Path) -> list[Path]:
 def fingerprint(spec: SourceSpec, files: list[Path]) -> str:
     """Changes when a file is added, removed or modified (or, for stdlib, Python changes)."""
     version = sys.version if spec.kind in ("stdlib", "retrieval") else ""
+    if spec.kind == "retrieval":  # generated: the generator's format is part of its content
+        version += f" retrieval format {synthetic.FORMAT}"
     h = hashlib.sha256(f"{spec.kind}\n{spec.location}\n{version}\n".encode())
     for path in files:
         st = path.stat()
         h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def is_synthetic(label: str) -> bool:
+    """Whether a source label (a prepared manifest's "source") names generated retrieval
+    documents: evaluation keeps them out of haystacks and held-out loss."""
+    return label.startswith("retrieval:")
 
 
 class Counts(collections.Counter):

@@ -1,10 +1,16 @@
 """Tokenizers: bytes (always available), a byte-level BPE trained by `prepare`, or the user's
 own `tokenizer.json` (HF `tokenizers`) or SentencePiece `.model`.
 
-Every tokenizer has `name`, `vocab_size`, `eos_id` (appended after each document, so the
-model learns where documents end), `encode(text) -> int32 array`, `encode_batch(texts)`,
-`decode(ids)` and `describe()`: the record stored with prepared data and in the manifest,
-whose `fingerprint` says whether two tokenizers produce the same ids.
+Every tokenizer has `name`, `vocab_size`, `bos_id` (put before each document when it is
+prepared, as real pretraining data does: the first position of every document, and of every
+evaluation prompt, is this token, where attention sinks form), `eos_id` (appended after each
+document, so the model learns where documents end), `encode(text) -> int32 array`,
+`encode_batch(texts)`, `decode(ids)` and `describe()`: the record stored with prepared data
+and in the manifest, whose `fingerprint` says whether two tokenizers produce the same ids.
+
+The byte tokenizer has its own BOS id. A user's tokenizer names its BOS with data.bos_token,
+or one of the usual names is found (SentencePiece: its bos_id); a tokenizer without one
+starts documents with its end-of-document token, as GPT-2 does with <|endoftext|>.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import numpy as np
 from hybridlm.errors import ConfigError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
-BPE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # ids 0 and 1 of a BPE trained here
+BOS_CANDIDATES = ("<|startoftext|>", "<s>", "<bos>", "<|begin_of_text|>", "[CLS]")
+BPE_SPECIALS = ("<|endoftext|>", "<|pad|>", "<|startoftext|>")  # ids 0-2 of a BPE trained here
 
 
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
+    bos_id: int
     eos_id: int
 
     def encode(self, text: str) -> np.ndarray: ...
@@ -33,15 +41,16 @@ class Tokenizer(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-BYTE_VOCAB = 259  # 256 bytes + BOS/EOS, PAD, UNK
+BYTE_VOCAB = 260  # 256 bytes + EOS, PAD, UNK, BOS
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255; then end-of-document, padding and unknown."""
+    """UTF-8 bytes are ids 0..255; then end-of-document, padding, unknown and
+    beginning-of-document."""
 
     name = "byte"
-    EOS, PAD, UNK = 256, 257, 258
-    eos_id = EOS
+    EOS, PAD, UNK, BOS = 256, 257, 258, 259
+    eos_id, bos_id = EOS, BOS
     vocab_size = BYTE_VOCAB
 
     def encode(self, text: str) -> np.ndarray:
@@ -57,13 +66,13 @@ class ByteTokenizer:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": "byte", "type": "byte", "vocab_size": self.vocab_size,
-                "eos_id": self.EOS, "fingerprint": "byte"}
+                "bos_id": self.BOS, "eos_id": self.EOS, "fingerprint": "byte"}
 
 
 class HFTokenizer:
     """A HF `tokenizers` tokenizer.json (a BPE trained by `prepare`, or the user's own)."""
 
-    def __init__(self, path: str | Path, spec: str, eos_token: str = ""):
+    def __init__(self, path: str | Path, spec: str, eos_token: str = "", bos_token: str = ""):
         from tokenizers import Tokenizer as _HF
 
         self.path = Path(path)
@@ -76,6 +85,7 @@ class HFTokenizer:
                               f"tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = _find_eos(spec, eos_token, self._tok.token_to_id)
+        self.bos_id = _find_bos(spec, bos_token, self._tok.token_to_id, self.eos_id)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -89,13 +99,14 @@ class HFTokenizer:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "type": "hf", "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "fingerprint": file_sha256(self.path)}
+                "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "fingerprint": file_sha256(self.path)}
 
 
 class SentencePieceTokenizer:
     """A SentencePiece `.model` the user brings (needs `pip install sentencepiece`)."""
 
-    def __init__(self, path: str | Path, spec: str, eos_token: str = ""):
+    def __init__(self, path: str | Path, spec: str, eos_token: str = "", bos_token: str = ""):
         try:
             import sentencepiece
         except ImportError:
@@ -111,6 +122,9 @@ class SentencePieceTokenizer:
         eos = self._sp.eos_id()
         self.eos_id = _find_eos(spec, eos_token, self._sp.piece_to_id) if eos_token or eos < 0 \
             else int(eos)
+        bos = self._sp.bos_id()
+        self.bos_id = _find_bos(spec, bos_token, self._sp.piece_to_id, self.eos_id) \
+            if bos_token or bos < 0 else int(bos)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
@@ -123,7 +137,8 @@ class SentencePieceTokenizer:
 
     def describe(self) -> dict[str, Any]:
         return {"spec": self.spec, "type": "sentencepiece", "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "fingerprint": file_sha256(self.path)}
+                "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "fingerprint": file_sha256(self.path)}
 
 
 def _find_eos(spec: str, eos_token: str, token_to_id) -> int:
@@ -138,6 +153,19 @@ def _find_eos(spec: str, eos_token: str, token_to_id) -> int:
                           f"data.tokenizer {spec!r}")
     raise ConfigError(f"data.tokenizer {spec!r} has none of the usual end-of-document tokens "
                       f"{list(EOS_CANDIDATES)}; name its token with data.eos_token")
+
+
+def _find_bos(spec: str, bos_token: str, token_to_id, eos_id: int) -> int:
+    """The beginning-of-document id: data.bos_token if given, else the first common name
+    found, else the end-of-document id (GPT-2's convention)."""
+    for name in (bos_token,) if bos_token else BOS_CANDIDATES:
+        found = token_to_id(name)
+        if found is not None and found >= 0:
+            return int(found)
+    if bos_token:
+        raise ConfigError(f"data.bos_token {bos_token!r} is not in the vocabulary of "
+                          f"data.tokenizer {spec!r}")
+    return eos_id
 
 
 def file_sha256(path: str | Path) -> str:
@@ -181,15 +209,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> None:
     Path(path).write_text(tok.to_str())
 
 
-def load_file_tokenizer(spec: str, path: str | Path, eos_token: str = "") -> Tokenizer:
+def load_file_tokenizer(spec: str, path: str | Path, eos_token: str = "",
+                        bos_token: str = "") -> Tokenizer:
     """A tokenizer from a file: .model is SentencePiece, anything else a tokenizer.json."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.tokenizer {spec!r}: no such file {path}; give 'byte', "
                           "'bpe:VOCAB', a tokenizer.json or a SentencePiece .model")
     if path.suffix == ".model":
-        return SentencePieceTokenizer(path, spec, eos_token)
-    return HFTokenizer(path, spec, eos_token)
+        return SentencePieceTokenizer(path, spec, eos_token, bos_token)
+    return HFTokenizer(path, spec, eos_token, bos_token)
 
 
 def tokenizer_from_record(record: dict[str, Any], directory: Path) -> Tokenizer:
@@ -199,10 +228,11 @@ def tokenizer_from_record(record: dict[str, Any], directory: Path) -> Tokenizer:
     name = "tokenizer.model" if record["type"] == "sentencepiece" else "tokenizer.json"
     tok = load_file_tokenizer(record["spec"], directory / name)
     tok.eos_id = int(record["eos_id"])
+    tok.bos_id = int(record["bos_id"])
     return tok
 
 
-def get_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:
+def get_tokenizer(spec: str, eos_token: str = "", bos_token: str = "") -> Tokenizer:
     """'byte' or a tokenizer file. A BPE to train ('bpe:N') comes from
     hybridlm.data.pipeline.load_tokenizer(cfg), which trains or finds it in the cache."""
     if spec == "byte":
@@ -210,4 +240,4 @@ def get_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:
     if parse_bpe_spec(spec) is not None:
         raise ConfigError(f"data.tokenizer {spec!r} is trained by `hybridlm prepare`; load it "
                           "with hybridlm.data.pipeline.load_tokenizer(cfg)")
-    return load_file_tokenizer(spec, spec, eos_token)
+    return load_file_tokenizer(spec, spec, eos_token, bos_token)

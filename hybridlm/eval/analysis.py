@@ -5,7 +5,9 @@ the true answer) are the queries. For every layer, the layer's own q and k (afte
 QK-norm and RoPE, exactly what its attention uses) give the queries' post-softmax attention
 over all keys under the layer's mask (window, chunk), summed over the four key segments of
 analysis_math.py, averaged over heads and queries; plus entropy. Reported per layer, per
-layer type and overall. Only [qc x T] probabilities are formed.
+layer type and overall, each next to its uniform-attention baseline ("uniform": what
+attention spread evenly over the keys the layer lets a query see would give). Only [qc x T]
+probabilities are formed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from hybridlm.model.transformer import Transformer
 
 def layer_masses(model: Transformer, tokens: jax.Array, num_queries: int,
                  query_start: jax.Array, key_segments: jax.Array) -> jax.Array:
-    """[layers, 5]: segment masses and entropy of the queries tokens[query_start:], per layer.
+    """[layers, 2, 5]: segment masses and entropy of the queries tokens[query_start:], per
+    layer: [:, 0] the model's attention, [:, 1] uniform attention under the layer's mask.
 
     Attention is formed for the last `num_queries` tokens only (static, so samples whose
     question lengths differ share one compile); rows before `query_start` get weight 0.
@@ -42,7 +45,9 @@ def layer_masses(model: Transformer, tokens: jax.Array, num_queries: int,
         sinks = None if block.attn.sinks is None else block.attn.sinks[...]
         probs = am.query_probs(q[0, t - num_queries:], k[0], q_pos, spec.window, spec.chunk,
                                sinks)
-        rows.append(am.mass_and_entropy(probs, key_segments, weights))
+        uniform = am.uniform_probs(q_pos, t, spec.window, spec.chunk)
+        rows.append(jnp.stack([am.mass_and_entropy(probs, key_segments, weights),
+                               am.mass_and_entropy(uniform, key_segments, weights)]))
         x = block(x, positions, None)
     return jnp.stack(rows)
 
@@ -67,14 +72,18 @@ def analyze_sample(model: Transformer, sample: Sample, answer_ids: np.ndarray,
     table = np.asarray(_layer_masses(graphdef, state, jnp.asarray(tokens)[None], num_queries,
                                      jnp.int32(qc_start), jnp.asarray(segments)))
     specs = [block.attn.spec for block in model.blocks()]
+
+    def stats(rows):  # [n, 2, 5] -> the model's mean masses with the uniform ones beside
+        mean = rows.mean(0)
+        return {**am.as_dict(mean[0]), "uniform": am.as_dict(mean[1])}
+
     per_layer = [{"layer": i, "type": s.name, "rope": s.rope, "window": s.window,
-                  "chunk": s.chunk, **am.as_dict(row)} for i, (s, row) in
-                 enumerate(zip(specs, table, strict=True))]
-    by_type = {name: am.as_dict(table[[i for i, s in enumerate(specs) if s.name == name]]
-                                .mean(0)) for name in dict.fromkeys(s.name for s in specs)}
+                  "chunk": s.chunk, **stats(table[i:i + 1])} for i, s in enumerate(specs)]
+    by_type = {name: stats(table[[i for i, s in enumerate(specs) if s.name == name]])
+               for name in dict.fromkeys(s.name for s in specs)}
     return {"length": int(len(tokens)), "needle_span": list(sample.needle_spans[0]),
             "qc_start": int(qc_start), "per_layer": per_layer, "by_type": by_type,
-            "overall": am.as_dict(table.mean(0))}
+            "overall": stats(table)}
 
 
 def average(results: Sequence[dict]) -> dict:
@@ -82,7 +91,8 @@ def average(results: Sequence[dict]) -> dict:
     keys = (*am.SEGMENTS, "entropy")
 
     def mean(dicts):
-        return {k: float(np.mean([d[k] for d in dicts])) for k in keys}
+        return {**{k: float(np.mean([d[k] for d in dicts])) for k in keys},
+                "uniform": {k: float(np.mean([d["uniform"][k] for d in dicts])) for k in keys}}
 
     return {"samples": len(results), "length": results[0]["length"],
             "overall": mean([r["overall"] for r in results]),

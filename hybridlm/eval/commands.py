@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from hybridlm.errors import ConfigError
-from hybridlm.eval import analysis, heldout, perplexity, plots, retrieval, tasks
+from hybridlm.eval import analysis, heldout, perplexity, plots, retrieval, scoring, tasks
 from hybridlm.eval.analysis_math import SEGMENTS
 from hybridlm.infer import Generator, cache_bytes
 from hybridlm.model.transformer import Transformer
@@ -36,7 +36,9 @@ from hybridlm.ops.cross_entropy import softmax_cross_entropy
 NIAH_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RULER_DEPTHS = (0.1, 0.5, 0.9)
 MIN_LENGTH = 128  # shorter contexts leave no room for haystack around needle and question
-DEFAULT_SAMPLES = {"niah": 2, "ruler": 2, "ppl": 8, "analyze": 4}  # per cell / documents
+# per cell / documents; niah: 5 depths x 20 = 100 samples per length, so that the 95% Wilson
+# interval of a needle score is +-0.1 or narrower at any score
+DEFAULT_SAMPLES = {"niah": 20, "ruler": 8, "ppl": 16, "analyze": 16}
 EVAL_TASKS = ("niah", "ruler", "ppl")
 
 
@@ -118,7 +120,7 @@ def _retrieval_setup(cfg: mlc.ConfigDict, lengths, depths, samples):
     check_grid(lengths, depths, samples)
     model_cfg = cfg.model.to_dict()
     tokenizer = _tokenizer(cfg, model_cfg)
-    return lengths, model_cfg, tokenizer, heldout.haystack(cfg, tokenizer.eos_id,
+    return lengths, model_cfg, tokenizer, heldout.haystack(cfg, tokenizer,
                                                             min_tokens=max(lengths))
 
 
@@ -126,12 +128,21 @@ def eval_niah(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
               lengths: Sequence[int] | None = None, depths: Sequence[float] = NIAH_DEPTHS,
               samples: int = DEFAULT_SAMPLES["niah"], seed: int = 0, step: int | None = None,
               progress: bool = True) -> dict:
-    """Single-needle grid (lengths x depths), exact match; niah.json and niah.png."""
+    """Single-needle grid (lengths x depths), exact match; niah.json and niah.png.
+
+    Keys and values from the held-out split (the result's top level, "niah_*" in the
+    summary) and, on the same haystacks, from the training split ("train_values",
+    "niah_train_*"), each with Wilson intervals by length ("interval") and chance level."""
     lengths, model_cfg, tokenizer, hay = _retrieval_setup(cfg, lengths, depths, samples)
-    result = retrieval.run_task("niah_single", Decoder(model, model_cfg), tokenizer, hay,
-                                lengths, list(depths), samples, seed, progress)
-    result.update(step=step, train_len=cfg.data.seq_len, summary={
-        **{f"niah_{n}": result["by_length"][str(n)] for n in lengths}, "niah": result["mean"]})
+    decode = Decoder(model, model_cfg)
+    result, train = (retrieval.run_task("niah_single", decode, tokenizer, hay, lengths,
+                                        list(depths), samples, seed, progress, split)
+                     for split in ("heldout", "train"))
+    summary = {}
+    for prefix, r in (("niah", result), ("niah_train", train)):
+        summary.update({f"{prefix}_{n}": r["by_length"][str(n)] for n in lengths})
+        summary[prefix] = r["mean"]
+    result.update(step=step, train_len=cfg.data.seq_len, train_values=train, summary=summary)
     _plot(plots.needle_heatmap, np.array(result["grid"]), lengths, list(depths),
           out_dir / "niah.png", title=f"needle in a haystack (step {step})",
           train_len=cfg.data.seq_len)
@@ -157,8 +168,12 @@ def eval_ruler(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     _plot(plots.lines_by_length, {t: [r["by_length"][str(n)] for n in lengths]
                                   for t, r in by_task.items()}, lengths, out_dir / "ruler.png",
           "score", f"RULER-style tasks (step {step})", cfg.data.seq_len)
+    n = sum(r["n_per_length"] for r in by_task.values())  # all tasks' samples of a length
+    interval = {str(k): list(scoring.wilson(summary[f"ruler_{k}"] * n, n)) for k in lengths}
     result = {"step": step, "train_len": cfg.data.seq_len, "lengths": lengths,
               "depths": list(depths), "per_cell": samples, "seed": seed, "summary": summary,
+              "interval": interval,
+              "chance": float(np.mean([r["chance"] for r in by_task.values()])),
               "tasks": by_task}
     _write(out_dir, "ruler.json", result)
     return result
@@ -259,10 +274,12 @@ def analysis_markdown(result: dict) -> str:
             + "---|" * len(cols) + "\n")
 
     def line(n, label, d):
-        return f"| {n} | {label} | " + " | ".join(f"{d[c]:.4f}" for c in cols) + " |\n"
+        return f"| {n} | {label} | " + " | ".join(
+            f"{d[c]:.4f} ({d['uniform'][c]:.4f})" for c in cols) + " |\n"
 
     text = ["Attention of the question + answer tokens (queries), summed over key segments, "
-            "averaged over heads, queries and samples; entropy in nats. Step "
+            "averaged over heads, queries and samples; entropy in nats; in brackets what "
+            "uniform attention over the keys each query sees would give. Step "
             f"{result['step']}, needle at {result['depth']:.0%} depth, "
             f"{result['samples']} samples per length.\n\n", head]
     for r in result["lengths"]:
@@ -287,7 +304,7 @@ def run_analysis(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     check_grid(lengths, (depth,), samples)
     model_cfg = cfg.model.to_dict()
     tokenizer = _tokenizer(cfg, model_cfg)
-    hay = heldout.haystack(cfg, tokenizer.eos_id, min_tokens=max(lengths))
+    hay = heldout.haystack(cfg, tokenizer, min_tokens=max(lengths))
     per_length = []
     for n in lengths:
         cell = tasks.make_samples("niah_single", tokenizer, hay, [n], [depth], samples, seed)
@@ -301,8 +318,9 @@ def run_analysis(cfg: mlc.ConfigDict, model: Transformer, out_dir: Path, *,
     summary = {}
     for r in per_length:
         for t, masses in [*r["by_type"].items(), ("all", r["overall"])]:
-            summary.update({f"{seg}_{t}_{r['length']}": masses[seg]
-                            for seg in (*SEGMENTS, "entropy")})
+            for seg in (*SEGMENTS, "entropy"):
+                summary[f"{seg}_{t}_{r['length']}"] = masses[seg]
+                summary[f"uniform_{seg}_{t}_{r['length']}"] = masses["uniform"][seg]
     result = {"step": step, "train_len": cfg.data.seq_len, "depth": depth, "samples": samples,
               "seed": seed, "summary": summary, "lengths": per_length}
     bars = {f"{r['length']} {t}": {s: m[s] for s in SEGMENTS}
@@ -329,6 +347,7 @@ def generate_text(cfg: mlc.ConfigDict, model: Transformer, prompt: str, *, max_n
     ids = tokenizer.encode(prompt)
     if len(ids) == 0:
         raise ConfigError("--prompt is empty; give some text to continue")
+    ids = np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)  # as documents start
     max_len = len(ids) + max_new
     out = Generator(model, model_cfg, 1, max_len).generate(
         ids[None], max_new, temperature=temperature, top_k=top_k, seed=seed)[0]

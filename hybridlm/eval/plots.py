@@ -34,11 +34,19 @@ def needle_heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[
 
 def lines_by_length(series: Mapping[str, Sequence[float]], lengths: Sequence[int],
                     path: str | Path, ylabel: str, title: str,
-                    train_len: int | None = None) -> None:
-    """One line per series (task or variant) over context lengths."""
+                    train_len: int | None = None,
+                    intervals: Mapping[str, Sequence[Sequence[float]]] | None = None,
+                    chance: float | None = None) -> None:
+    """One line per series (task or variant) over context lengths; with `intervals`
+    (name -> [lo, hi] per length) a shaded band each, with `chance` a dotted line."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, values in series.items():
-        ax.plot(range(len(lengths)), values, marker="o", label=name)
+        line, = ax.plot(range(len(lengths)), values, marker="o", label=name)
+        if intervals and name in intervals:
+            lo, hi = np.asarray(intervals[name], dtype=float).T
+            ax.fill_between(range(len(lengths)), lo, hi, color=line.get_color(), alpha=0.15)
+    if chance is not None:
+        ax.axhline(chance, color="black", lw=1, ls=":", label="chance")
     ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
     if train_len is not None and train_len in lengths:
         ax.axvline(list(lengths).index(train_len), color="gray", lw=1, ls="--",

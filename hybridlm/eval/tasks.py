@@ -1,227 +1,72 @@
-"""Synthetic long-context tasks: needle in a haystack and RULER-style retrieval.
+"""Evaluation grids of the retrieval tasks, in the training format, and their chance levels.
 
-Every sample is built from text pieces (haystack, needles, question), tokenised piece by
-piece, so the token span of every needle and of the question is known exactly: the
-attention analysis needs those spans, and scoring needs the answer. The same generators
-make training documents (`as_document`), with random content drawn from a different seed
-stream than evaluation, so a model can learn retrieval without seeing the test items.
+Prompts come from the generators the training documents come from
+(hybridlm/data/retrieval_text.py via hybridlm/data/synthetic.py), so needles and questions
+read exactly as in training. What differs is the content: the haystack is held-out natural
+text (heldout.py: validation documents of the run's non-synthetic sources), and keys and
+values come from the `heldout` split (never trained on) or, to tell "cannot copy" from
+"cannot copy unseen digits", from the `train` split. Every prompt starts with the
+tokenizer's BOS, as every prepared document does (hybridlm/data/prepare.py), so position 0
+of a prompt is what position 0 was in training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-WORDS = ("apple banana cherry dragon eagle falcon garden harbor island jungle kettle lemon "
-         "mango needle orange pepper quartz river silver tiger umbrella violet walnut yellow "
-         "zebra anchor bridge candle desert engine forest glacier hammer igloo jacket lantern "
-         "marble nickel oyster pillow rocket saddle tunnel valley window").split()
+from hybridlm.data import retrieval_text as rt
+from hybridlm.data.retrieval_text import Sample
 
-
-@dataclasses.dataclass
-class Sample:
-    """One prompt. `ids` = context + question; the model must continue with `answer`."""
-
-    task: str
-    ids: np.ndarray  # int32 prompt tokens (context then question)
-    answer: str  # expected continuation (scored after stripping)
-    answers: tuple[str, ...]  # every value that must appear (multi-value / multi-query tasks)
-    needle_spans: list[tuple[int, int]]  # [start, end) of each needle; [0] is the target
-    question_span: tuple[int, int]  # [start, end) of the question tokens
-    length: int  # requested context length in tokens
-    depth: float  # requested needle depth in [0, 1]
-
-
-SPLITS = ("train", "eval")
-
-
-class Content:
-    """Random keys and values of one split. Train and eval draw from disjoint sets (keys
-    from alternate words, numbers from disjoint ranges), so no test item is ever trained on."""
-
-    def __init__(self, rng: np.random.Generator, split: str = "eval"):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.rng = rng
-        self.words = WORDS[0::2] if split == "train" else WORDS[1::2]
-        self.low, self.high = ((1_000_000, 5_500_000) if split == "train"
-                               else (5_500_000, 10_000_000))
-
-    def number(self) -> str:
-        return str(int(self.rng.integers(self.low, self.high)))
-
-    def key(self) -> str:
-        return "-".join(self.rng.choice(self.words, size=2, replace=False))
-
-    def keys(self, n: int) -> list[str]:
-        out: list[str] = []
-        while len(out) < n:
-            k = self.key()
-            if k not in out:
-                out.append(k)
-        return out
-
-
-class Builder:
-    """Assembles token pieces and records spans."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.pieces, self.pos = tokenizer, [], 0
-
-    def add(self, text_or_ids) -> tuple[int, int]:
-        ids = (self.tok.encode(text_or_ids) if isinstance(text_or_ids, str)
-               else np.asarray(text_or_ids, dtype=np.int32))
-        start = self.pos
-        self.pieces.append(ids.astype(np.int32))
-        self.pos += len(ids)
-        return start, self.pos
-
-    def ids(self) -> np.ndarray:
-        return np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.int32)
-
-
-def haystack_ids(haystack: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n tokens of filler from a random offset of the haystack token stream (wrapping)."""
-    if n <= 0:
-        return np.zeros(0, np.int32)
-    start = int(rng.integers(0, len(haystack)))
-    idx = (start + np.arange(n)) % len(haystack)
-    return haystack[idx].astype(np.int32)
-
-
-def _with_needles(task, tokenizer, haystack, length, depths, needles, question, answer,
-                  answers, rng) -> Sample:
-    """Haystack of about `length` tokens with needle texts inserted at the given depths."""
-    needle_ids = [tokenizer.encode(n) for n in needles]
-    q_ids = tokenizer.encode(question)
-    filler = max(length - sum(len(n) for n in needle_ids) - len(q_ids), 0)
-    cuts = sorted(int(round(d * filler)) for d in depths)
-    order = np.argsort([int(round(d * filler)) for d in depths], kind="stable")
-    hay = haystack_ids(haystack, filler, rng)
-    b, spans, prev = Builder(tokenizer), [None] * len(needles), 0
-    for cut, i in zip(cuts, order, strict=True):
-        b.add(hay[prev:cut])
-        spans[i] = b.add(needle_ids[i])
-        prev = cut
-    b.add(hay[prev:])
-    q_span = b.add(q_ids)
-    return Sample(task, b.ids(), answer, tuple(answers), spans, q_span, length, depths[0])
-
-
-def niah_single(tokenizer, haystack, length, depth, c: Content) -> Sample:
-    rng = c.rng
-    key, value = c.key(), c.number()
-    needle = f"\nThe special magic number for {key} is {value}.\n"
-    question = (f"\nWhat is the special magic number for {key}? "
-                f"The special magic number for {key} is")
-    return _with_needles("niah_single", tokenizer, haystack, length, [depth], [needle], question,
-                         f" {value}.", [value], rng)
-
-
-def niah_multikey(tokenizer, haystack, length, depth, c: Content, distractors: int = 3) -> Sample:
-    rng = c.rng
-    keys = c.keys(distractors + 1)
-    values = [c.number() for _ in keys]
-    needles = [f"\nThe special magic number for {k} is {v}.\n" for k, v in zip(keys, values,
-                                                                               strict=True)]
-    depths = [depth] + list(rng.uniform(0.05, 0.95, size=distractors))
-    question = (f"\nWhat is the special magic number for {keys[0]}? The special magic number "
-                f"for {keys[0]} is")
-    return _with_needles("niah_multikey", tokenizer, haystack, length, depths, needles, question,
-                         f" {values[0]}.", [values[0]], rng)
-
-
-def niah_multivalue(tokenizer, haystack, length, depth, c: Content, n_values: int = 3) -> Sample:
-    rng = c.rng
-    key = c.key()
-    values = [c.number() for _ in range(n_values)]
-    needles = [f"\nOne of the special magic numbers for {key} is {v}.\n" for v in values]
-    depths = [depth] + list(rng.uniform(0.05, 0.95, size=n_values - 1))
-    question = f"\nWhat are all the special magic numbers for {key}? They are"
-    return _with_needles("niah_multivalue", tokenizer, haystack, length, depths, needles,
-                         question, " " + ", ".join(values) + ".", values, rng)
-
-
-def niah_multiquery(tokenizer, haystack, length, depth, c: Content, n_queries: int = 2) -> Sample:
-    rng = c.rng
-    keys = c.keys(n_queries)
-    values = [c.number() for _ in keys]
-    needles = [f"\nThe special magic number for {k} is {v}.\n" for k, v in zip(keys, values,
-                                                                               strict=True)]
-    depths = [depth] + list(rng.uniform(0.05, 0.95, size=len(keys) - 1))
-    question = (f"\nWhat are the special magic numbers for {' and '.join(keys)}? "
-                "They are, in that order,")
-    return _with_needles("niah_multiquery", tokenizer, haystack, length, depths, needles,
-                         question, " " + ", ".join(values) + ".", values, rng)
-
-
-def variable_tracking(tokenizer, haystack, length, depth, c: Content, hops: int = 3) -> Sample:
-    rng = c.rng
-    names = [f"X{int(n)}" for n in rng.choice(90_000, size=hops + 1, replace=False) + 10_000]
-    value = c.number()
-    chain = [f"\nVAR {names[0]} = {value}.\n"] + [
-        f"\nVAR {names[i + 1]} = VAR {names[i]}.\n" for i in range(hops)]
-    depths = sorted(np.linspace(depth * 0.5, min(depth + 0.3, 0.95), hops + 1))
-    question = (f"\nFind all variables that are assigned the value {value}. "
-                "Answer: they are")
-    answers = names
-    sample = _with_needles("variable_tracking", tokenizer, haystack, length, depths, chain,
-                           question, " " + ", ".join(names) + ".", answers, rng)
-    return dataclasses.replace(sample, depth=depth)  # the requested depth, not the first link
-
-
-def common_words(tokenizer, haystack, length, depth, c: Content, top: int = 3) -> Sample:
-    """A numbered list of words; `top` of them repeat far more often than the rest."""
-    rng = c.rng
-    q = (f"\nWhat are the {top} most common words in the list above? They are")
-    frequent = list(rng.choice(c.words, size=top, replace=False))
-    rare = [w for w in c.words if w not in frequent]
-    words, budget = [], max(length - len(tokenizer.encode(q)) - 8, 0)
-    used = 0
-    while True:
-        pick = frequent if rng.random() < 0.5 else rare
-        w = str(rng.choice(pick))
-        item = f"{len(words) + 1}. {w}\n"
-        n = len(tokenizer.encode(item))
-        if used + n > budget:
-            break
-        words.append(w)
-        used += n
-    b = Builder(tokenizer)
-    b.add("".join(f"{i + 1}. {w}\n" for i, w in enumerate(words)))
-    q_span = b.add(q)
-    counts = {w: words.count(w) for w in set(words)}
-    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:top]
-    return Sample("common_words", b.ids(), " " + ", ".join(ranked) + ".", tuple(ranked), [],
-                  q_span, length, depth)
-
-
-TASKS: dict[str, Callable] = {
-    "niah_single": niah_single, "niah_multikey": niah_multikey,
-    "niah_multivalue": niah_multivalue, "niah_multiquery": niah_multiquery,
-    "variable_tracking": variable_tracking, "common_words": common_words,
-}
+TASKS = rt.TASKS
 RULER_TASKS = tuple(TASKS)
+VALUE_SPLITS = rt.SPLITS
+
+
+def with_bos(sample: Sample, bos_id: int) -> Sample:
+    """The sample's prompt behind a BOS token, its spans shifted by one."""
+    return dataclasses.replace(
+        sample, ids=np.concatenate([[bos_id], sample.ids]).astype(np.int32),
+        needle_spans=[(a + 1, b + 1) for a, b in sample.needle_spans],
+        question_span=(sample.question_span[0] + 1, sample.question_span[1] + 1))
 
 
 def make_samples(task: str, tokenizer, haystack: np.ndarray, lengths: Sequence[int],
                  depths: Sequence[float], per_cell: int, seed: int,
-                 split: str = "eval") -> list[Sample]:
-    """A grid of samples: lengths x depths x per_cell, reproducible from seed."""
+                 split: str = "heldout") -> list[Sample]:
+    """A grid of prompts: lengths x depths x per_cell, reproducible from seed; keys and
+    values from `split`. BOS, prompt and answer together are about `length` tokens, so at
+    the training length the model answers within the window it was trained on."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     out = []
     for li, length in enumerate(lengths):
         for di, depth in enumerate(depths):
             for k in range(per_cell):
-                rng = np.random.default_rng([seed, li, di, k, sorted(TASKS).index(task)])
-                out.append(TASKS[task](tokenizer, haystack, int(length), float(depth),
-                                       Content(rng, split)))
+                sample = rt.fitted_sample(task, tokenizer, haystack, int(length) - 1,
+                                          float(depth),
+                                          [seed, li, di, k, sorted(TASKS).index(task)], split)
+                out.append(dataclasses.replace(with_bos(sample, tokenizer.bos_id),
+                                               length=int(length)))
     return out
 
 
-def as_document(sample: Sample, tokenizer) -> np.ndarray:
-    """A training document: the prompt followed by its answer tokens."""
-    return np.concatenate([sample.ids, tokenizer.encode(sample.answer)]).astype(np.int32)
+def chance(task: str, split: str = "heldout") -> float:
+    """The expected score of a guess that knows the answer's form but not the context.
+
+    Numbers (and variable names) are guessed uniformly from their range, which a needle
+    task's exact match almost never hits; where the prompt itself offers the candidates the
+    guess picks among them: niah_multikey, one of the 1 + distractors needles' values;
+    common_words, `top` of the words in the list (each asked word is among them with
+    probability top / words).
+    """
+    low, high = rt.NUMBERS[split]
+    if task == "niah_multikey":
+        return 1.0 / (rt.MULTIKEY_DISTRACTORS + 1)
+    if task == "common_words":
+        return rt.COMMON_TOP / len(rt.WORDS[1::2])
+    if task == "variable_tracking":
+        return 1.0 / 90_000  # names X10000..X99999
+    return 1.0 / (high - low)
