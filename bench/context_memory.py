@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import machine  # noqa: E402
 
 from hybridlm import config as config_lib  # noqa: E402
+from hybridlm.model import abstract_model  # noqa: E402
 from hybridlm.parallel import make_mesh  # noqa: E402
 from hybridlm.train import trainer  # noqa: E402
 from hybridlm.train.optim import decay_mask, make_optimizer  # noqa: E402
-from hybridlm.train.state import abstract_model, make_layout  # noqa: E402
+from hybridlm.train.state import make_layout  # noqa: E402
 
 
 def load_config(args, context: int):

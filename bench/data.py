@@ -93,9 +93,10 @@ def time_training(cache: Path, steps: int) -> dict:
     trainer does (its pipeline, put_batch)."""
     import jax
 
+    from hybridlm.model import abstract_model
     from hybridlm.parallel import make_mesh, put_batch
     from hybridlm.train.optim import decay_mask, make_optimizer
-    from hybridlm.train.state import abstract_model, init_state, make_layout
+    from hybridlm.train.state import init_state, make_layout
     from hybridlm.train.trainer import compile_train_step
 
     cfg = config_lib.load(None, [f"data.cache_dir={cache}"])

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hybridlm import config as config_lib  # noqa: E402
-from hybridlm.model import flops_per_token  # noqa: E402
+from hybridlm.model import abstract_model, flops_per_token  # noqa: E402
 from hybridlm.parallel import make_mesh, put_batch  # noqa: E402
 from hybridlm.train.metrics import peak_flops, peak_memory_gb  # noqa: E402
 from hybridlm.train.optim import decay_mask, make_optimizer  # noqa: E402
-from hybridlm.train.state import abstract_model, init_state, make_layout  # noqa: E402
+from hybridlm.train.state import init_state, make_layout  # noqa: E402
 from hybridlm.train.trainer import compile_train_step  # noqa: E402
 
 # (size, variant, seq_len, batch): the paper's comparison at 8k, 32k and 128k, then at 1b.

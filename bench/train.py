@@ -65,10 +65,10 @@ from peer_maxtext import maxtext_settings  # noqa: E402  (bench/peer_maxtext.py)
 
 from hybridlm import config as config_lib  # noqa: E402
 from hybridlm.data.pipeline import make_train_iterator  # noqa: E402
-from hybridlm.model import flops_per_token  # noqa: E402
+from hybridlm.model import abstract_model, flops_per_token  # noqa: E402
 from hybridlm.parallel import make_mesh, put_batch  # noqa: E402
 from hybridlm.train.optim import decay_mask, make_optimizer  # noqa: E402
-from hybridlm.train.state import abstract_model, init_state, make_layout  # noqa: E402
+from hybridlm.train.state import init_state, make_layout  # noqa: E402
 from hybridlm.train.trainer import compile_train_step  # noqa: E402
 
 CASES = {

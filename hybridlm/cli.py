@@ -144,7 +144,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     import jax  # heavy imports after the arguments are checked
     from flax import nnx
 
-    from hybridlm.train.checkpoint import export_params, load_model
+    from hybridlm.runs import export_params, load_model
 
     cfg, model, step = load_model(Path(args.workdir), args.step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -291,6 +291,10 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
                            jobs=args.jobs)
         if status != 0:
             return status
+        if args.launcher == "local" and args.only is None:  # every point's row, what next
+            from hybridlm.sweep_status import finished_summary
+
+            print(finished_summary(args.sweep, root, extra), flush=True)
     if args.summarize:
         print(f"wrote {sweep.summarize(args.sweep, root)} (and .csv, .png)")
     if args.report:

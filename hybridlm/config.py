@@ -35,7 +35,6 @@ from hybridlm.model.pattern import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/tiny.py"
-BYTE_VOCAB = 260  # 256 bytes + EOS, PAD, UNK, BOS: see hybridlm/data/tokenizers.py
 
 
 def defaults() -> mlc.ConfigDict:
@@ -82,7 +81,6 @@ def defaults() -> mlc.ConfigDict:
     d.min_doc_tokens = 0  # leave out training documents shorter than this many tokens
     d.long_doc_tokens = 0  # documents of at least this many tokens are up-weighted (0: off)
     d.long_doc_repeat = 1  # ... by appearing this many times per epoch
-    d.eval_batches = 16  # validation batches per evaluation (0: one full pass)
     d.workers = 0  # Grain worker processes (0: read in the training process, with threads)
 
     c.train = t = mlc.ConfigDict()
@@ -120,7 +118,8 @@ def defaults() -> mlc.ConfigDict:
 
     c.eval = ev = mlc.ConfigDict()
     ev.every = 100  # evaluate on the validation split every this many steps (0: at the end)
-    ev.steps = 10  # validation batches (of train.batch_size) per evaluation (0: none)
+    ev.steps = 10  # validation batches (of train.batch_size) per evaluation (0: none,
+    # -1: the whole validation split once; the same batches at every evaluation)
 
     c.log = lg = mlc.ConfigDict()
     lg.every = 10  # log metrics every this many steps
@@ -264,7 +263,12 @@ def apply_override(cfg: mlc.ConfigDict, override: str) -> None:
         raise ConfigError(f"config.{key}={raw!r}: {e}") from None
 
 
+MOVED = {"data.eval_batches": "eval.steps (-1: the whole validation split)"}
+
+
 def _unknown(path: str, name: str, node: Any) -> str:
+    if path in MOVED:
+        return f"config field {path!r} is now {MOVED[path]}"
     known = list(node.keys()) if isinstance(node, mlc.ConfigDict) else []
     hint = difflib.get_close_matches(name, known, n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -332,8 +336,9 @@ def _positive_int(value: Any, field: str, allow_none: bool = False) -> None:
 
 def validate(cfg: mlc.ConfigDict) -> None:
     """Check a filled config; every rule names its field."""
-    from hybridlm.model.transformer import DTYPES, REMAT_POLICIES
-    from hybridlm.ops import IMPLS  # late import: ops imports nothing from config
+    from hybridlm.model.layers import ACTIVATIONS, NORMS
+    from hybridlm.model.transformer import BLOCKS, DTYPES, REMAT_POLICIES
+    from hybridlm.ops import IMPLS  # choice lists from their owners (none imports config)
 
     m = cfg.model
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -342,8 +347,8 @@ def validate(cfg: mlc.ConfigDict) -> None:
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads "
              f"({m.num_kv_heads})")
-    for field, allowed in (("activation", ("silu", "gelu")), ("norm", ("rms", "layernorm")),
-                           ("block", ("sequential", "parallel")), ("remat", tuple(REMAT_POLICIES)),
+    for field, allowed in (("activation", tuple(ACTIVATIONS)), ("norm", NORMS),
+                           ("block", BLOCKS), ("remat", tuple(REMAT_POLICIES)),
                            ("attention_impl", IMPLS), ("dtype", tuple(DTYPES))):
         _require(m[field] in allowed, f"model.{field} is {m[field]!r}; choose one of {allowed}")
     for field in ("attention_block_q", "attention_block_kv"):
@@ -375,17 +380,17 @@ def validate(cfg: mlc.ConfigDict) -> None:
              "pick one")
     _validate_mesh(cfg.mesh)
     _validate_checkpoint(cfg.checkpoint, cfg.train)
-    for field in ("every", "steps"):
-        value = cfg.eval[field]
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                 f"eval.{field} must be an integer >= 0, got {value!r}")
-
-
-OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("cosine", "wsd", "constant")
+    every, steps = cfg.eval.every, cfg.eval.steps
+    _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
+             f"eval.every must be an integer >= 0, got {every!r}")
+    _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= -1,
+             f"eval.steps must be an integer >= -1 (-1: the whole validation split, 0: no "
+             f"evaluation), got {steps!r}")
 
 
 def _validate_train(t: mlc.ConfigDict) -> None:
+    from hybridlm.train.optim import OPTIMIZERS, SCHEDULES
+
     _require(t.learning_rate > 0, "train.learning_rate must be > 0")
     _require(t.optimizer in OPTIMIZERS,
              f"train.optimizer is {t.optimizer!r}; choose one of {OPTIMIZERS}")
@@ -425,7 +430,8 @@ def _validate_checkpoint(ck: mlc.ConfigDict, t: mlc.ConfigDict) -> None:
 
 def _validate_mesh(mesh: mlc.ConfigDict) -> None:
     """Static checks; whether the mesh fits the devices is checked when the job starts."""
-    from hybridlm.parallel.mesh import MESH_AXES  # late import: parallel imports config
+    from hybridlm.parallel import context
+    from hybridlm.parallel.mesh import MESH_AXES
 
     for axis in MESH_AXES:
         value = mesh[axis]
@@ -433,8 +439,8 @@ def _validate_mesh(mesh: mlc.ConfigDict) -> None:
                  and (value == -1 or value >= 1),
                  f"mesh.{axis} must be an integer >= 1, or -1 for the remaining devices; "
                  f"got {value!r}")
-    for field, allowed in (("context_attention", ("allgather", "ring")),
-                           ("context_layout", ("zigzag", "contiguous"))):
+    for field, allowed in (("context_attention", context.IMPLS),
+                           ("context_layout", context.LAYOUTS)):
         _require(mesh[field] in allowed,
                  f"mesh.{field} is {mesh[field]!r}; choose one of {allowed}")
     free = [axis for axis in MESH_AXES if mesh[axis] == -1]
@@ -442,11 +448,9 @@ def _validate_mesh(mesh: mlc.ConfigDict) -> None:
              f"got {', '.join('mesh.' + a for a in free)}")
 
 
-PACKINGS = ("first_fit", "best_fit", "concat")
-
-
 def _validate_data(d: mlc.ConfigDict, vocab_size: int) -> None:
-    from hybridlm.data.sources import parse_sources  # late: data imports config
+    from hybridlm.data.plan import PACKINGS
+    from hybridlm.data.sources import parse_sources
     from hybridlm.data.tokenizers import parse_bpe_spec, static_vocab_size
 
     _positive_int(d.seq_len, "data.seq_len")
@@ -468,7 +472,7 @@ def _validate_data(d: mlc.ConfigDict, vocab_size: int) -> None:
     _require(d.packing in PACKINGS, f"data.packing is {d.packing!r}; choose one of {PACKINGS}")
     _require(isinstance(d.val_fraction, float) and 0.0 <= d.val_fraction < 1.0,
              f"data.val_fraction must be a number in [0, 1), got {d.val_fraction!r}")
-    for field in ("min_doc_tokens", "long_doc_tokens", "eval_batches", "workers"):
+    for field in ("min_doc_tokens", "long_doc_tokens", "workers"):
         value = d[field]
         _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                  f"data.{field} must be an integer >= 0, got {value!r}")
@@ -483,7 +487,11 @@ def _validate_layer_type(t: mlc.ConfigDict, where: str, head_dim: int) -> None:
     _positive_int(t.window, f"{where}.window", allow_none=True)
     _positive_int(t.chunk, f"{where}.chunk", allow_none=True)
     _positive_int(t.temperature_floor, f"{where}.temperature_floor", allow_none=True)
-    _require(isinstance(t.rope, bool), f"{where}.rope must be True or False")
+    for flag in ("rope", "qk_norm_scale", "sink"):
+        _require(isinstance(t[flag], bool), f"{where}.{flag} must be True or False, got "
+                 f"{t[flag]!r}")
+    _require(isinstance(t.temperature_scale, (int, float)) and t.temperature_scale > 0,
+             f"{where}.temperature_scale must be a number > 0, got {t.temperature_scale!r}")
     _require(t.rope_style in ROPE_STYLES, f"{where}.rope_style is {t.rope_style!r}; "
              f"choose one of {ROPE_STYLES}")
     _require(t.qk_norm in QK_NORMS, f"{where}.qk_norm is {t.qk_norm!r}; choose one of {QK_NORMS}")

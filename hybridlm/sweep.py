@@ -160,10 +160,6 @@ def run(spec: str, launcher: str, root: Path, extra: list[str] = (),
     failed = next((s for s in statuses if s != 0), 0)
     if failed == 0:
         print(f"sweep: all {len(points)} points finished under {root}", flush=True)
-        if only is None:
-            from hybridlm.sweep_status import finished_summary
-
-            print(finished_summary(spec, root, extra), flush=True)
     return failed
 
 

@@ -12,16 +12,13 @@ from flax import nnx
 
 from hybridlm import cli
 from hybridlm.config import ConfigError
+from hybridlm.errors import CheckpointError
+from hybridlm.model import abstract_model
 from hybridlm.parallel import make_mesh, put_batch
-from hybridlm.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    export_params,
-    load_model,
-    stage_sources,
-)
+from hybridlm.runs import export_params, load_model
+from hybridlm.train.checkpoint import Checkpointer, stage_sources
 from hybridlm.train.optim import decay_mask, make_optimizer
-from hybridlm.train.state import abstract_model, make_layout
+from hybridlm.train.state import make_layout
 from tests.train_helpers import build, random_batch, tiny_config
 
 DENSE = "model.attention_impl=dense"

@@ -27,9 +27,8 @@ from flax import nnx
 from hybridlm.config import REPO_ROOT, load
 from hybridlm.data.pipeline import make_train_iterator
 from hybridlm.errors import UserError
-from hybridlm.model import Transformer
-from hybridlm.train.checkpoint import load_model
-from hybridlm.train.state import abstract_model
+from hybridlm.model import Transformer, abstract_model
+from hybridlm.runs import load_model
 from hybridlm.train.step import loss_sums
 from hybridlm.train.trainer import contract, train
 

@@ -78,7 +78,7 @@ def pairs(pieces) -> collections.Counter:
 
 def test_one_epoch_loses_and_duplicates_nothing_and_holds_out_documents(cache, corpus_dir,
                                                                         doc_pieces):
-    cfg = config(cache, corpus_dir, "data.eval_batches=0")
+    cfg = config(cache, corpus_dir, "eval.steps=-1")
     batches, train = drain(make_train_iterator(cfg, num_epochs=1, progress=False))
     _, val = drain(make_eval_iterator(cfg, progress=False))
     assert all(b["inputs"].shape == (8, SEQ) and b["inputs"].dtype == np.int32 for b in batches)
@@ -227,15 +227,15 @@ def test_sources_mix_in_proportion_to_their_weights(tmp_path, cache, corpus_dir,
 
 
 def test_eval_gives_a_fixed_number_of_batches_padded_past_the_end(cache, corpus_dir):
-    cfg = config(cache, corpus_dir, "data.eval_batches=0")
+    cfg = config(cache, corpus_dir, "eval.steps=-1")
     full = list(make_eval_iterator(cfg, progress=False))
-    cfg.data.eval_batches = len(full) + 2
+    cfg.eval.steps = len(full) + 2
     fixed = list(make_eval_iterator(cfg, progress=False))
     assert_same(fixed[:len(full)], full)
     assert len(fixed) == len(full) + 2 and not fixed[-1]["weights"].any()
-    cfg.data.eval_batches = 2
+    cfg.eval.steps = 2
     assert_same(list(make_eval_iterator(cfg, progress=False)), full[:2])
-    cfg.data.eval_batches = 0  # one pass, the same length on every process
+    cfg.eval.steps = -1  # one pass, the same length on every process
     halves = [list(make_eval_iterator(cfg, i, 2, progress=False)) for i in range(2)]
     assert len(halves[0]) == len(halves[1]) == len(full)
     joined = [{k: np.concatenate([a[k], b[k]]) for k in a}

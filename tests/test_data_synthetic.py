@@ -10,7 +10,8 @@ from hybridlm.config import ConfigError
 from hybridlm.data import corpus, synthetic
 from hybridlm.data.pipeline import make_train_iterator
 from hybridlm.data.retrieval_text import WORDS
-from hybridlm.data.sources import is_validation, name_hash, parse_sources
+from hybridlm.data.sources import parse_sources
+from hybridlm.data.split import is_validation, name_hash
 from hybridlm.data.tokenizers import ByteTokenizer
 
 

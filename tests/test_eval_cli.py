@@ -14,7 +14,7 @@ from hybridlm import config as config_lib
 from hybridlm.eval import commands, tasks
 from hybridlm.eval.analysis_math import SEGMENTS
 from hybridlm.model import Transformer
-from hybridlm.train.checkpoint import export_params
+from hybridlm.runs import export_params
 from tests.test_data_sources import make_corpus
 
 WINDOW = 16

@@ -16,7 +16,7 @@ from hybridlm.config import ConfigError
 from hybridlm.data.tokenizers import ByteTokenizer
 from hybridlm.eval import analysis, commands, placement, tasks
 from hybridlm.model import Transformer
-from hybridlm.train.checkpoint import export_params, load_model
+from hybridlm.runs import export_params, load_model
 from tests.test_data_sources import make_corpus
 from tests.test_launch import cpu_env
 
@@ -159,7 +159,7 @@ def test_processes_agree_on_the_command_and_the_checkpoint(export):
     """What the eval preflight compares across processes: the flags but the process id, the
     overrides, and the checkpoint each process found (another step: another fingerprint)."""
     from hybridlm.eval import cli as eval_cli
-    from hybridlm.train.checkpoint import Source, find_sources
+    from hybridlm.runs import Source, find_sources
 
     def fingerprint(*flags, overrides=(), source=None):
         args = cli._parser().parse_args(["eval", "--workdir", str(export), *flags])

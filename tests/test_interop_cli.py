@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from hybridlm import cli
 from hybridlm import config as config_lib
-from hybridlm.train.checkpoint import export_params, load_model
+from hybridlm.runs import export_params, load_model
 from tests.helpers import neighbour_model_config, tiny_model_config
 from tests.test_interop_hf import random_model
 

@@ -25,8 +25,7 @@ from hybridlm import config as config_lib
 from hybridlm.config import ConfigError
 from hybridlm.data.tokenizers import ByteTokenizer, HFTokenizer, train_bpe
 from hybridlm.interop import hf, hf_config
-from hybridlm.model import Transformer
-from hybridlm.train.state import abstract_model
+from hybridlm.model import Transformer, abstract_model
 from tests.helpers import neighbour_model_config, tiny_model_config
 
 T = 29  # > window 5 and chunk 6 of the tiny configs: every mask boundary is crossed

@@ -153,7 +153,7 @@ def test_local_sh_two_processes_continue_a_one_process_run_exactly(corpus, tmp_p
     import jax
     from flax import nnx
 
-    from hybridlm.train.checkpoint import load_model
+    from hybridlm.runs import load_model
     from hybridlm.train.trainer import train
 
     overrides = [*TINY, *data_overrides(corpus), "train.steps=7", "mesh.data=2", "mesh.fsdp=2",

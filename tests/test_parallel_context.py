@@ -10,10 +10,11 @@ import pytest
 
 from hybridlm import ops
 from hybridlm.config import ConfigError
+from hybridlm.model import abstract_model
 from hybridlm.parallel import activation_sharding, make_mesh, put_batch
 from hybridlm.parallel.context import Layout, check_length, context_parallel, reorder_batch
 from hybridlm.train.optim import decay_mask, make_optimizer
-from hybridlm.train.state import abstract_model, init_state, make_layout
+from hybridlm.train.state import init_state, make_layout
 from hybridlm.train.step import loss_sums
 from tests.train_helpers import random_batch, tiny_config
 

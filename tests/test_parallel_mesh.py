@@ -8,6 +8,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from hybridlm.config import ConfigError
+from hybridlm.model import abstract_model
 from hybridlm.model.layers import constrain
 from hybridlm.parallel import (
     ACTIVATION_RULES,
@@ -21,7 +22,7 @@ from hybridlm.parallel import (
 )
 from hybridlm.parallel.mesh import check_batch
 from hybridlm.train.optim import decay_mask, make_optimizer
-from hybridlm.train.state import abstract_model, init_state, make_layout
+from hybridlm.train.state import init_state, make_layout
 from tests.train_helpers import random_batch, single_device_mesh_cfg, tiny_config
 
 

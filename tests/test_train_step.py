@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hybridlm.model import Transformer
+from hybridlm.model import Transformer, abstract_model
 from hybridlm.parallel import put_batch
 from hybridlm.train.optim import decay_mask, schedule
-from hybridlm.train.state import abstract_model
 from hybridlm.train.step import gradients, loss_sums
 from tests.train_helpers import build, random_batch, tiny_config
 

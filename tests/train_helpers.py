@@ -6,9 +6,10 @@ import jax
 import numpy as np
 
 from hybridlm import config as config_lib
+from hybridlm.model import abstract_model
 from hybridlm.parallel import make_mesh
 from hybridlm.train.optim import decay_mask, make_optimizer
-from hybridlm.train.state import abstract_model, init_state, make_layout
+from hybridlm.train.state import init_state, make_layout
 from hybridlm.train.trainer import compile_train_step
 
 TINY = ["model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8",

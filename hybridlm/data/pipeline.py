@@ -18,9 +18,9 @@ background thread, or with data.workers=N in N Grain worker processes that each 
 N-th batch (the same batches for any N).
 
 Validation: documents whose name hash falls below data.val_fraction (sources.py), never
-trained on, in file order (no shuffle), packed the same way: exactly data.eval_batches
+trained on, in file order (no shuffle), packed the same way: exactly eval.steps
 global batches (rows past the end of the split are padding with weight 0), or with
-data.eval_batches=0 the whole split once.
+eval.steps=-1 the whole split once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from hybridlm.data import packing
 from hybridlm.data.plan import PieceStream, RowPlanner
 from hybridlm.data.prepare import Prepared, resolve, resolve_tokenizer
-from hybridlm.data.sources import is_validation
+from hybridlm.data.split import is_validation
 from hybridlm.data.tokenizers import Tokenizer, static_vocab_size
 from hybridlm.errors import ConfigError
 
@@ -270,9 +270,9 @@ class EvalIterator:
 
 def make_eval_iterator(cfg: mlc.ConfigDict, process_index: int = 0, process_count: int = 1,
                        *, rows: np.ndarray | None = None, progress: bool = True):
-    """This process's rows of the validation batches: data.eval_batches global batches, or
-    with data.eval_batches=0 one full pass (the same length on every process: the pass is
-    global). `rows` as for make_train_iterator."""
+    """This process's rows of the validation batches: eval.steps global batches, or with
+    eval.steps=-1 one full pass (the same length on every process: the pass is global).
+    `rows` as for make_train_iterator."""
     data = cfg.data
     rows = _rows(cfg, process_index, process_count, rows)
     _, sources = resolve(data, progress=progress)
@@ -285,7 +285,8 @@ def make_eval_iterator(cfg: mlc.ConfigDict, process_index: int = 0, process_coun
     stream = PieceStream(tables, shuffle=False, num_epochs=1)
     it = BatchIterator(BatchSpec(stream, tuple(readers), data.seq_len, data.packing,
                                  cfg.train.batch_size, rows))
-    return it if data.eval_batches == 0 else EvalIterator(it, data.eval_batches)
+    steps = cfg.eval.steps
+    return it if steps < 0 else EvalIterator(it, steps)
 
 
 def load_tokenizer(cfg: mlc.ConfigDict, progress: bool = True) -> Tokenizer:
@@ -295,7 +296,9 @@ def load_tokenizer(cfg: mlc.ConfigDict, progress: bool = True) -> Tokenizer:
 
 
 def check_vocab(cfg: mlc.ConfigDict) -> int:
-    """Raise ConfigError unless model.vocab_size covers the tokenizer; returns its vocabulary."""
+    """Raise ConfigError unless model.vocab_size covers the tokenizer; returns its vocabulary.
+    Config validation checks `byte` and `bpe:N` without reading anything; a tokenizer file's
+    vocabulary is known once it is read, which this does (the trainer calls it first)."""
     vocab = static_vocab_size(cfg.data.tokenizer)
     if vocab is None:
         vocab = load_tokenizer(cfg).vocab_size

@@ -28,6 +28,7 @@ import numpy as np
 
 from hybridlm.data.packing import fit_rows
 
+PACKINGS = ("first_fit", "best_fit", "concat")  # how pieces become rows (above)
 PACK_WINDOW = 1024  # pieces first/best fit packs together (a piece never leaves its window)
 
 

@@ -35,6 +35,7 @@ import ml_collections as mlc
 import numpy as np
 
 from hybridlm.data import sources as sources_lib
+from hybridlm.data import split
 from hybridlm.data import tokenizers as tok_lib
 from hybridlm.errors import ConfigError
 
@@ -151,7 +152,7 @@ def _write_prepared(spec: sources_lib.SourceSpec, files: list[Path], tokenizer, 
                 data = np.concatenate([[record["bos_id"]], ids]).astype(dtype)
                 lengths.append(len(data))
                 first_record.append(n_records)
-                hashes.append(sources_lib.name_hash(name))
+                hashes.append(split.name_hash(name))
                 names.append(name)
                 for i in range(0, max(len(data), 1), RECORD_TOKENS):
                     writer.write(data[i:i + RECORD_TOKENS].tobytes())
@@ -314,7 +315,7 @@ def _bpe_texts(data: mlc.ConfigDict, raw: dict, progress: bool) -> Iterator[str]
         for spec, spec_files in raw.items():
             for name, text in _documents(spec, spec_files, counts, data.text_field,
                                          data.on_bad_record, bar):
-                if sources_lib.is_validation(sources_lib.name_hash(name), data.val_fraction):
+                if split.is_validation(split.name_hash(name), data.val_fraction):
                     continue
                 yield text
                 total += len(text)

@@ -242,13 +242,3 @@ def _parquet(path: Path, name: str, counts: Counts, field: str) -> Iterator[tupl
             else:
                 yield from _keep(f"{name}#{row}", text, counts)
             row += 1
-
-
-def name_hash(name: str) -> int:
-    """A stable 63-bit hash of a document's name: the train/validation split uses it."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
-
-
-def is_validation(hashes, fraction: float):
-    """Documents whose name hash falls in the lowest `fraction` of the range are held out."""
-    return hashes < int(fraction * 2**63)

@@ -87,7 +87,7 @@ def haystack_chars() -> np.ndarray:
     """Stdlib text that is never validation (name hash in the upper half), as code points;
     ASCII files only, so a document of N characters is N byte tokens."""
     from hybridlm.data import corpus
-    from hybridlm.data.sources import name_hash
+    from hybridlm.data.split import name_hash
 
     root = corpus.stdlib_dir().parent
     texts = []

@@ -16,14 +16,12 @@ starts documents with its end-of-document token, as GPT-2 does with <|endoftext|
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from hybridlm.config import BYTE_VOCAB
 from hybridlm.errors import ConfigError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
@@ -41,6 +39,9 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def describe(self) -> dict[str, Any]: ...
+
+
+BYTE_VOCAB = 260  # 256 bytes + EOS, PAD, UNK, BOS
 
 
 class ByteTokenizer:
@@ -229,10 +230,6 @@ def tokenizer_from_record(record: dict[str, Any], directory: Path) -> Tokenizer:
     tok.eos_id = int(record["eos_id"])
     tok.bos_id = int(record["bos_id"])
     return tok
-
-
-def dumps_record(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True)
 
 
 def get_tokenizer(spec: str, eos_token: str = "", bos_token: str = "") -> Tokenizer:

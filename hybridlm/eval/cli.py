@@ -97,9 +97,9 @@ def _load_run(args: argparse.Namespace, overrides: list[str]):
 
     Mistakes are reported before the processes join; the processes then check that they
     run the same command on the same checkpoint (distributed.preflight) before any restore."""
-    from hybridlm.errors import UserError
+    from hybridlm.errors import CheckpointError, UserError
     from hybridlm.eval import placement
-    from hybridlm.train.checkpoint import CheckpointError, find_sources, load_model
+    from hybridlm.runs import find_sources, load_model
 
     placement.check_overrides(overrides)
     path = Path(args.workdir)

@@ -13,7 +13,8 @@ import numpy as np
 
 from hybridlm.data.packing import PieceSource
 from hybridlm.data.prepare import resolve
-from hybridlm.data.sources import is_synthetic, is_validation
+from hybridlm.data.sources import is_synthetic
+from hybridlm.data.split import is_validation
 from hybridlm.errors import ConfigError
 
 

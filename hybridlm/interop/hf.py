@@ -217,7 +217,7 @@ def read_tensors(src: Path) -> dict[str, np.ndarray]:
 
 def load_hf(src: Path) -> tuple[mlc.ConfigDict, nnx.Module]:
     """(full hybridlm config, model with the checkpoint's weights) from an HF directory."""
-    from hybridlm.train.state import abstract_model
+    from hybridlm.model import abstract_model
 
     hf = read_hf_config(src)
     arch, fields = hf_config.from_hf_config(hf)
@@ -241,7 +241,7 @@ def copy_tokenizer(src: Path, out: Path) -> None:
 # ---- the CLI's two directions (checkpoints through hybridlm.train.checkpoint) -----------
 def export_hf(workdir: Path, out: Path, step: int | None = None, arch: str = "auto") -> str:
     """`hybridlm export --format hf`: a run's checkpoint (or params export) -> HF directory."""
-    from hybridlm.train.checkpoint import load_model
+    from hybridlm.runs import load_model
 
     _check_empty(out, "--out")
     if not Path(workdir).exists():
@@ -252,7 +252,7 @@ def export_hf(workdir: Path, out: Path, step: int | None = None, arch: str = "au
 
 def import_hf(src: Path, out: Path) -> tuple[str, mlc.ConfigDict]:
     """`hybridlm import`: HF directory -> params-only export that train.init_from reads."""
-    from hybridlm.train.checkpoint import export_params
+    from hybridlm.runs import export_params
 
     _check_empty(out, "--out")
     cfg, model = load_hf(Path(src))

@@ -66,6 +66,10 @@ def constraint_resolver(resolve: Resolver | None) -> Iterator[None]:
         _resolver.reset(token)
 
 
+NORMS = ("rms", "layernorm")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}  # the gate of the MLP (SwiGLU, GeGLU)
+
+
 class Norm(nnx.Module):
     """RMSNorm, or Cohere's LayerNorm (mean-centred, scale only, no bias)."""
 
@@ -95,6 +99,5 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = dense(x, self.wi[...])
-        act = jax.nn.silu if self.activation == "silu" else jax.nn.gelu
-        h = act(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        h = ACTIVATIONS[self.activation](gate_up[..., 0, :]) * gate_up[..., 1, :]
         return dense(h, self.wo[...])

@@ -40,6 +40,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BLOCKS = ("sequential", "parallel")  # x+attn then x+mlp | both from one norm (Cohere)
 Cache = dict[str, tuple[LayerCache, ...] | None]  # {"groups": stacked per entry, "tail": ...}
 
 
@@ -205,3 +206,10 @@ class Transformer(nnx.Module):
         if self.tail is not None:
             x, new["tail"] = self.tail.decode(x, positions, cache["tail"])
         return self.logits(self.final_norm(x)), new
+
+
+def abstract_model(model_cfg: Mapping[str, Any], seed: int = 0
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph definition, abstract parameters with their metadata); allocates nothing."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
+    return nnx.split(model, nnx.Param)

@@ -25,13 +25,13 @@ import ml_collections as mlc
 
 from hybridlm import config as config_lib
 from hybridlm.errors import ConfigError
-from hybridlm.model import flops_per_token
+from hybridlm.model import abstract_model, flops_per_token
 from hybridlm.model.flops import layers, param_count
 from hybridlm.model.pattern import layer_layout
 from hybridlm.ops import MaskSpec, resolve_impl, splash
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train.optim import decay_mask, make_optimizer
-from hybridlm.train.state import abstract_model, make_layout
+from hybridlm.train.state import make_layout
 from hybridlm.train.trainer import compile_train_step
 
 GIB = 2**30

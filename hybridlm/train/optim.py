@@ -16,6 +16,9 @@ import ml_collections as mlc
 import optax
 from flax import nnx
 
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "wsd", "constant")
+
 
 def schedule(t: mlc.ConfigDict) -> optax.Schedule:
     """The learning rate as a function of the number of applied updates."""

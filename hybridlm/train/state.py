@@ -1,7 +1,7 @@
 """The train state created already sharded: no device ever holds the whole model first.
 
-`abstract_model` traces the model's constructor without allocating (shapes and logical
-axis names only); `StateLayout` turns that into a NamedSharding for every leaf of the
+`model.abstract_model` traces the model's constructor without allocating (shapes and
+logical axis names only); `StateLayout` turns that into a NamedSharding for every leaf of the
 state; `init_state` runs the initialiser under jit with those shardings pinned as outputs,
 so each device computes only its own slice.
 """
@@ -22,13 +22,6 @@ from hybridlm.model import Transformer
 from hybridlm.parallel import param_shardings, replicated
 
 COUNTERS = ("step", "applied", "nan_streak", "nan_skipped")
-
-
-def abstract_model(model_cfg: Mapping[str, Any], seed: int = 0
-                   ) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graph definition, abstract parameters with their metadata); allocates nothing."""
-    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
-    return nnx.split(model, nnx.Param)
 
 
 def _opt_shardings(tx: optax.GradientTransformation, abstract_opt: Any, params_abs: Any,

@@ -37,7 +37,7 @@ def validation(rows: list[dict[str, Any]]) -> tuple[dict | None, dict | None]:
 
 def run_summary(workdir: str | Path) -> str:
     """The end-of-run report: losses, checkpoint, metrics and TensorBoard, what to run next."""
-    from hybridlm.train.checkpoint import checkpoint_steps, checkpoints_dir
+    from hybridlm.runs import checkpoint_steps, checkpoints_dir
 
     workdir = Path(workdir)
     rows = read_metrics(workdir)

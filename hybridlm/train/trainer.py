@@ -10,6 +10,7 @@ step would stall the asynchronous dispatch). Checkpointing plugs in through the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import optax
 from hybridlm import config as config_lib
 from hybridlm.data import pipeline as data_pipeline
 from hybridlm.errors import RunStopped
-from hybridlm.model import flops_per_token
+from hybridlm.model import abstract_model, flops_per_token
 from hybridlm.model.attention import config_tiles
 from hybridlm.ops import kernel_tiles
 from hybridlm.parallel import (
@@ -45,7 +46,6 @@ from hybridlm.train.optim import decay_mask, make_optimizer, schedule
 from hybridlm.train.preemption import Preemption
 from hybridlm.train.state import (
     StateLayout,
-    abstract_model,
     count_params,
     init_state,
     make_layout,
@@ -108,10 +108,11 @@ def contract(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterator, steps: int, mesh,
              rows: int) -> float | None:
-    """Mean validation cross-entropy over up to `steps` global batches of `rows` rows (None
-    if there are none)."""
+    """Mean validation cross-entropy over up to `steps` global batches of `rows` rows (all
+    of them with steps=-1; None if there are none)."""
     totals = []
-    for _, local in zip(range(steps), batches, strict=False):
+    for _, local in zip(range(steps) if steps >= 0 else itertools.count(), batches,
+                        strict=False):
         totals.append(eval_step(params, put_batch(contract(local), mesh, rows)))
     if not totals:
         return None
@@ -217,9 +218,10 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
     # ---- data: this process's rows of every global batch; both splits checked ----------
     rows, local_rows = t.batch_size, process_rows(mesh, t.batch_size)
     if train_iter is None:
+        data_pipeline.check_vocab(cfg)  # a tokenizer file's vocabulary (config checks the rest)
         train_iter = data_pipeline.make_train_iterator(cfg, rows=local_rows)
         stack.callback(train_iter.close)  # its reading threads or worker processes
-    if cfg.eval.steps > 0:  # the validation split exists (before anything compiles)
+    if cfg.eval.steps != 0:  # the validation split exists (before anything compiles)
         data_pipeline.make_eval_iterator(cfg, rows=local_rows, progress=False).close()
     stage_sources = checkpoint_lib.stage_sources(cfg) if t.init_from else None
 
@@ -291,7 +293,7 @@ def _train(cfg: mlc.ConfigDict, workdir: Path, stack: contextlib.ExitStack,
         writer.advance()
         window_steps += 1
         done = step + 1
-        is_eval = cfg.eval.steps > 0 and (
+        is_eval = cfg.eval.steps != 0 and (
             done == t.steps or (cfg.eval.every and done % cfg.eval.every == 0))
         if done % cfg.log.every == 0 or done in (start + 1, t.steps) or is_eval:
             metrics = jax.device_get(metrics)

@@ -32,7 +32,7 @@ import ml_collections as mlc
 
 from hybridlm import config as config_lib
 from hybridlm.errors import UserError
-from hybridlm.train.checkpoint import checkpoint_steps
+from hybridlm.runs import checkpoint_steps
 
 LOCK_FILE = ".lock"
 
