@@ -143,29 +143,32 @@ class SentencePieceTokenizer:
 
 def _find_eos(spec: str, eos_token: str, token_to_id) -> int:
     """The end-of-document id: data.eos_token if given, else the first common name found."""
-    names = (eos_token,) if eos_token else EOS_CANDIDATES
-    for name in names:
-        found = token_to_id(name)
-        if found is not None and found >= 0:
-            return int(found)
-    if eos_token:
-        raise ConfigError(f"data.eos_token {eos_token!r} is not in the vocabulary of "
-                          f"data.tokenizer {spec!r}")
-    raise ConfigError(f"data.tokenizer {spec!r} has none of the usual end-of-document tokens "
-                      f"{list(EOS_CANDIDATES)}; name its token with data.eos_token")
+    found = _find_token(spec, "eos_token", eos_token, EOS_CANDIDATES, token_to_id)
+    if found is None:
+        raise ConfigError(f"data.tokenizer {spec!r} has none of the usual end-of-document "
+                          f"tokens {list(EOS_CANDIDATES)}; name its token with data.eos_token")
+    return found
 
 
 def _find_bos(spec: str, bos_token: str, token_to_id, eos_id: int) -> int:
     """The beginning-of-document id: data.bos_token if given, else the first common name
     found, else the end-of-document id (GPT-2's convention)."""
-    for name in (bos_token,) if bos_token else BOS_CANDIDATES:
+    found = _find_token(spec, "bos_token", bos_token, BOS_CANDIDATES, token_to_id)
+    return eos_id if found is None else found
+
+
+def _find_token(spec: str, field: str, given: str, candidates: Sequence[str],
+                token_to_id) -> int | None:
+    """The id of data.<field> (an error if the vocabulary lacks it), else of the first
+    candidate name the vocabulary has, else None."""
+    for name in (given,) if given else candidates:
         found = token_to_id(name)
         if found is not None and found >= 0:
             return int(found)
-    if bos_token:
-        raise ConfigError(f"data.bos_token {bos_token!r} is not in the vocabulary of "
+    if given:
+        raise ConfigError(f"data.{field} {given!r} is not in the vocabulary of "
                           f"data.tokenizer {spec!r}")
-    return eos_id
+    return None
 
 
 def file_sha256(path: str | Path) -> str:
