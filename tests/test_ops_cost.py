@@ -121,3 +121,29 @@ def test_rnope_swa_train_step_at_16k_costs_less_than_all_full_layers():
     # blockwise keeps every layer's scratch O(T * block), full layers too: the window saves
     # compute in training, and must not cost memory (docs/performance.md).
     assert swa_temp <= 1.1 * full_temp, costs
+
+
+def _layer_scan_grad_temp_bytes(length: int) -> int:
+    """Temp bytes of d/dx of two scanned full causal layers on packed documents (loops)."""
+    def layer(x, segments, positions):
+        spec = MaskSpec(causal=True, q_segment_ids=segments, kv_segment_ids=segments,
+                        q_positions=positions, kv_positions=positions)
+        return x + blockwise.blockwise_attention(x, x, x, spec, scale=0.25, strips=False)
+
+    def loss(x, segments, positions):
+        body = lambda h, _: (layer(h, segments, positions), None)  # noqa: E731
+        return jax.lax.scan(body, x, None, length=2)[0].sum()
+
+    x = jnp.ones((1, length, 4, 16))
+    ids = jnp.zeros((1, length), jnp.int32)
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    compiled = jax.jit(jax.grad(loss)).lower(x, ids, positions).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_differentiating_a_layer_scan_leaves_the_mask_inside_the_kernels_loop():
+    """The mask depends only on block indices and positions, both the same in every layer;
+    unless the kernel ties it to its loop, differentiating the layers' scan hoists it out,
+    every iteration's mask at once: temp bytes O(T^2) (34 GB at 128k), not O(T)."""
+    small, large = (_layer_scan_grad_temp_bytes(t) for t in (4096, 8192))
+    assert large < 2.3 * small, (small, large)

@@ -151,6 +151,17 @@ def _scatter(x: jax.Array, index: jax.Array, value: jax.Array, add: bool) -> jax
     return at.add(value, mode="drop") if add else at.set(value, mode="drop")
 
 
+def _tied(index, carry_part):
+    """The iteration's block indices, tied to the loop's carry. Without the tie, JAX's
+    partial evaluation (differentiating an enclosing scan, e.g. over layers) finds the mask
+    depends only on the indices and the positions, which do not change across layers, and
+    hoists it out of both loops: every iteration's mask stacked at once, O(T^2 / block)
+    booleans (34 GB at 128k). An optimization barrier makes the indices depend on the carry,
+    so the mask is formed inside the iteration that uses it."""
+    qi, ki = index
+    return jax.lax.optimization_barrier((qi, ki, carry_part))
+
+
 def _loop(body, carry, tiles: Tiles):
     """lax.scan of body over the iterations' index arrays (unrolled under `unrolled()`)."""
     index = (jnp.asarray(np.asarray(tiles.q, np.int32)), jnp.asarray(np.asarray(tiles.kv,
@@ -178,7 +189,7 @@ def _loop_forward(st: _Static, q, k, v, sinks, aux):
     for tiles in st.schedule.loops:
         def body(carry, index, tiles=tiles):
             m, denom, acc = carry
-            qi, ki = index
+            qi, ki, m = _tied(index, m)
             qb, kb, vb = _gather(q, qi, 2), _gather(k, ki, 2), _gather(v, ki, 2)
             s = _scores(st, qb, kb, _tile_mask(st, tiles, aux, qi, ki, keys_first=False))
             m_old, denom_old, acc_old = (_gather(x, qi, 2) for x in carry)
@@ -211,7 +222,7 @@ def _loop_backward(st: _Static, q, k, v, aux, lse, delta, d_out):
     for tiles in st.schedule.loops:
         def body(carry, index, tiles=tiles):
             dq, dk, dv = carry
-            qi, ki = index
+            qi, ki, dq = _tied(index, dq)
             qb, dob = _gather(q, qi, 2), _gather(d_out, qi, 2)
             kb, vb = _gather(k, ki, 2), _gather(v, ki, 2)
             mask = _tile_mask(st, tiles, aux, qi, ki, keys_first=True)
