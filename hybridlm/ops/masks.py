@@ -43,6 +43,12 @@ class MaskRule:
     window: int | None = None  # the W most recent keys, the query's own included
     chunk: int | None = None  # keys in the query's own C-token chunk only
 
+    # The fields `span` and `visible_offsets` know. A field outside this list (a new mask
+    # feature) makes them answer "unbounded" until it is added, so every consumer of the
+    # geometry (block skipping, cache sizes, halos) stays exact, only slower, from the moment
+    # the feature is in `key_bounds`.
+    GEOMETRY = ("causal", "window", "chunk")
+
     def __post_init__(self):
         for name in ("window", "chunk"):
             value = getattr(self, name)
@@ -61,6 +67,8 @@ class MaskRule:
     @property
     def span(self) -> int | None:
         """How far back (in keys, the query's own included) a query can see; None = unbounded."""
+        if not self.uses_only(*MaskRule.GEOMETRY):
+            return None
         spans = [s for s in (self.window, self.chunk) if s is not None]
         return min(spans) if spans else None
 
@@ -114,15 +122,18 @@ class MaskRule:
         positions, so chunked blocks are always masked elementwise. (The bounds of
         `key_bounds` at q_pos = 0, with a chunk's own bounds relaxed to +-(C - 1).)
         """
+        if not self.uses_only(*MaskRule.GEOMETRY):
+            return -math.inf, math.inf
         hi = self.span - 1 if self.span is not None else math.inf
         lo = 0 if self.causal else -hi
         return lo, hi
 
     @property
     def offsets_exact(self) -> bool:
-        """True when `visible_offsets` alone decides every pair of one sequence (no chunk):
-        a block inside the offsets needs no elementwise mask."""
-        return self.chunk is None
+        """True when `visible_offsets` alone decides every pair of one sequence (causal and
+        window; not a chunk, whose boundaries follow positions): a block inside the offsets
+        needs no elementwise mask."""
+        return self.uses_only("causal", "window")
 
     def uses_only(self, *names: str) -> bool:
         """True when every field but `names` is at its default: how a kernel that translates
