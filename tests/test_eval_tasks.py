@@ -7,6 +7,7 @@ import pytest
 from hybridlm.data.tokenizers import ByteTokenizer
 from hybridlm.eval import analysis_math as am
 from hybridlm.eval import scoring, tasks
+from hybridlm.ops import MaskRule
 
 TOK = ByteTokenizer()
 HAY = TOK.encode("The quick brown fox jumps over the lazy dog. " * 400)
@@ -68,13 +69,13 @@ def test_segment_masses_sum_to_one_and_match_a_known_answer():
     k[22, 0, 0] = 1.0
     q = np.zeros((1, 1, d), np.float32)
     q[0, 0, 0] = 60.0
-    probs = am.query_probs(jnp.array(q), jnp.array(k), jnp.array([39]), None, None)
+    probs = am.query_probs(jnp.array(q), jnp.array(k), jnp.array([39]), MaskRule())
     masses = am.summarize(probs, am.segment_ids_for_keys(40, (20, 25), 34))
     assert sum(masses[s] for s in am.SEGMENTS) == pytest.approx(1.0, abs=1e-5)
     assert masses["needle"] > 0.99 and masses["entropy"] < 0.1
     # Uniform attention (q = 0): mass is proportional to segment sizes, entropy = log(40).
     probs = am.query_probs(jnp.zeros((2, 2, d)), jnp.array(np.random.randn(40, 1, d)),
-                           jnp.array([39, 39]), None, None)
+                           jnp.array([39, 39]), MaskRule())
     masses = am.summarize(probs, am.segment_ids_for_keys(40, (20, 25), 34))
     assert masses["begin"] == pytest.approx(10 / 40, abs=1e-5)
     assert masses["needle"] == pytest.approx(5 / 40, abs=1e-5)
@@ -83,7 +84,8 @@ def test_segment_masses_sum_to_one_and_match_a_known_answer():
 
 
 def test_windowed_layer_puts_no_mass_outside_its_window():
-    probs = am.query_probs(jnp.zeros((1, 1, 4)), jnp.ones((40, 1, 4)), jnp.array([39]), 8, None)
+    probs = am.query_probs(jnp.zeros((1, 1, 4)), jnp.ones((40, 1, 4)), jnp.array([39]),
+                           MaskRule(window=8))
     masses = am.summarize(probs, am.segment_ids_for_keys(40, (20, 25), 34))
     assert masses["begin"] == 0.0 and masses["needle"] == 0.0
     assert masses["qc"] == pytest.approx(6 / 8)
@@ -121,14 +123,14 @@ def test_uniform_baseline_of_a_hand_made_case():
     """Keys 0..39: begin 0-9, needle 20-24, context the rest, qc 34-39; queries at 38, 39."""
     segments = am.segment_ids_for_keys(40, (20, 25), 34)
     q = jnp.array([38, 39])
-    full = am.summarize(am.uniform_probs(q, 40, None, None), segments)
+    full = am.summarize(am.uniform_probs(q, 40, MaskRule()), segments)
     # query 38 sees 39 keys (10 begin, 5 needle, 19 context, 5 qc), query 39 sees 40 (.., 6 qc)
     assert full["begin"] == pytest.approx((10 / 39 + 10 / 40) / 2)
     assert full["needle"] == pytest.approx((5 / 39 + 5 / 40) / 2)
     assert full["context"] == pytest.approx((19 / 39 + 19 / 40) / 2)
     assert full["qc"] == pytest.approx((5 / 39 + 6 / 40) / 2)
     assert full["entropy"] == pytest.approx((np.log(39) + np.log(40)) / 2)
-    local = am.summarize(am.uniform_probs(q, 40, 8, None), segments)
+    local = am.summarize(am.uniform_probs(q, 40, MaskRule(window=8)), segments)
     # a window of 8: query 38 sees 31-38 (3 context, 5 qc), query 39 sees 32-39 (2, 6)
     assert local["begin"] == 0.0 and local["needle"] == 0.0
     assert local["context"] == pytest.approx((3 / 8 + 2 / 8) / 2)

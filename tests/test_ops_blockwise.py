@@ -16,6 +16,7 @@ from hybridlm import ops
 from hybridlm.ops import blockwise, cost
 from hybridlm.ops.block_plan import schedule
 from hybridlm.ops.blockwise import block_sizes, blockwise_attention, plan
+from hybridlm.ops.masks import MaskRule
 
 B, T, H, D = 2, 37, 4, 8  # 37: not a multiple of any block size used here
 BLOCK = dict(block_q=16, block_kv=16)
@@ -154,30 +155,30 @@ def test_rows_that_see_nothing_are_zero_with_finite_gradients():
 
 
 def test_plan_skips_hidden_blocks_and_masks_only_edges():
-    p = plan(1024, 1024, 128, 128, True, None, None, False, None)
+    p = plan(1024, 1024, 128, 128, MaskRule(), False, None)
     pairs = sum(len(s.q_blocks) for s in p.steps)
     assert pairs == 8 * 9 // 2  # the causal triangle of 8 x 8 blocks, diagonal included
     assert [s.masked for s in p.steps] == [True] + [False] * 7  # only the diagonal
-    w = plan(1024, 1024, 128, 128, True, 256, None, False, None)
+    w = plan(1024, 1024, 128, 128, MaskRule(window=256), False, None)
     assert [len(s.q_blocks) for s in w.steps] == [8, 7, 6]  # diagonal, one back, the edge
     assert [s.masked for s in w.steps] == [True, False, True]
 
 
 def test_strip_plan_covers_each_query_blocks_visible_run():
-    p = plan(1024, 1024, 256, 256, True, None, None, False, None, strips=True)
+    p = plan(1024, 1024, 256, 256, MaskRule(), False, None, strips=True)
     assert [(s.q_blocks, s.kv_blocks, s.kv_span, s.masked) for s in p.steps] == [
         ((0,), (0,), 1, True), ((1,), (0,), 2, True), ((2,), (0,), 3, True),
         ((3,), (0,), 4, True)]
     assert p.computed_pairs() == 10 * 256 * 256  # the same causal triangle as steps
-    w = plan(1024, 1024, 128, 128, True, 256, None, False, None, strips=True)
+    w = plan(1024, 1024, 128, 128, MaskRule(window=256), False, None, strips=True)
     assert [(s.kv_blocks[0], s.kv_span) for s in w.steps][-2:] == [(4, 3), (5, 3)]
 
 
 @pytest.mark.parametrize("geometry,max_pairs", [
-    ((32768, 32768, 256, 256, True, None, None, False), 32),  # a full causal layer at 32k
-    ((32768, 32768, 128, 128, True, 1024, None, False), 64),  # a window of 1024
-    ((37, 37, 16, 16, True, 13, None, True), 3),  # packed (every pair masked), padded
-    ((21, 37, 8, 16, False, 5, None, False), 2),  # T != S, bidirectional window
+    ((32768, 32768, 256, 256, MaskRule(), False), 32),  # a full causal layer at 32k
+    ((32768, 32768, 128, 128, MaskRule(window=1024), False), 64),  # a window of 1024
+    ((37, 37, 16, 16, MaskRule(window=13), True), 3),  # packed (every pair masked), padded
+    ((21, 37, 8, 16, MaskRule(causal=False, window=5), False), 2),  # T != S, bidirectional window
 ])
 def test_schedule_runs_every_visible_pair_once_in_iterations_of_one_shape(geometry, max_pairs):
     p = plan(*geometry)
@@ -195,7 +196,7 @@ def test_schedule_runs_every_visible_pair_once_in_iterations_of_one_shape(geomet
             assert tiles.masked or (len(real) == len(qs) and not any(map(pairs.get, real)))
             seen += real
     assert sorted(seen) == sorted(pairs)  # each visible block pair exactly once
-    if geometry[5] is None:  # causal: no padding at all
+    if geometry[4].window is None:  # causal: no padding at all
         assert sched.computed_pairs() == p.computed_pairs()
 
 
@@ -229,7 +230,7 @@ def test_kept_strip_probabilities_spare_the_backward_its_score_matmul(monkeypatc
     """With strips small enough to keep, the backward pass reads each strip's probabilities
     instead of recomputing q.k (XLA's FLOP count is deterministic); too large, it recomputes."""
     b, t, h, d = 2, 256, 4, 16
-    pairs = plan(t, t, 64, 64, True, None, None, False, None, strips=True).computed_pairs()
+    pairs = plan(t, t, 64, 64, MaskRule(), False, None, strips=True).computed_pairs()
     assert b * h * pairs <= blockwise.KEEP_PROBS
 
     def grad_flops():

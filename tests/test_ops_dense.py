@@ -99,9 +99,22 @@ def test_counts_and_block_geometry_follow_the_one_predicate(case):
     agree with `visible`, the predicate dense (above) is tested with, on numpy arrays."""
     t = 23
     p, s = np.arange(t)[:, None], np.arange(t)[None, :]
-    mask = masks.visible(p, s, **case)
+    rule = masks.MaskRule(**case)
+    mask = rule.visible(p, s)
     assert isinstance(mask, np.ndarray) and mask.shape == (t, t)
-    np.testing.assert_array_equal(masks.visible_key_counts(t, **case), mask.sum(axis=1))
-    lo, hi = masks.visible_offsets(**case)
+    np.testing.assert_array_equal(rule.visible_key_counts(t), mask.sum(axis=1))
+    lo, hi = rule.visible_offsets()
     offsets = (p - s)[mask]
     assert offsets.min() >= lo and offsets.max() <= hi
+
+
+def test_the_rule_travels_whole_and_kernels_see_fields_they_do_not_translate():
+    """A MaskSpec is its rule plus arrays: the rule is static (a cache key), the arrays are
+    the pytree's leaves; a kernel that translates only some fields can tell the rest are off."""
+    pos = jnp.arange(4)[None]
+    spec = masks.MaskRule(window=3, chunk=2).for_tokens(q_positions=pos, kv_positions=pos)
+    assert spec.rule == masks.MaskRule(window=3, chunk=2) and hash(spec.rule) is not None
+    assert len(jax.tree_util.tree_leaves(spec)) == 2 and spec.span == 2
+    assert masks.MaskRule(window=4).uses_only("causal", "window")
+    assert not masks.MaskRule(chunk=4).uses_only("causal", "window")
+    assert not masks.MaskRule(causal=False).uses_only("window")

@@ -43,9 +43,8 @@ def layer_masses(model: Transformer, tokens: jax.Array, num_queries: int,
         spec = block.attn.spec
         q, k, _ = block.attn.project(block.attn_norm(x), positions)
         sinks = None if block.attn.sinks is None else block.attn.sinks[...]
-        probs = am.query_probs(q[0, t - num_queries:], k[0], q_pos, spec.window, spec.chunk,
-                               sinks)
-        uniform = am.uniform_probs(q_pos, t, spec.window, spec.chunk)
+        probs = am.query_probs(q[0, t - num_queries:], k[0], q_pos, spec.mask, sinks)
+        uniform = am.uniform_probs(q_pos, t, spec.mask)
         rows.append(jnp.stack([am.mass_and_entropy(probs, key_segments, weights),
                                am.mass_and_entropy(uniform, key_segments, weights)]))
         x = block(x, positions, None)

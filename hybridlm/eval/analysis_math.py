@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybridlm.ops import MaskSpec, dense_mask
+from hybridlm.ops import MaskRule, dense_mask
 from hybridlm.ops.softmax import masked_softmax
 
 SEGMENTS = ("begin", "needle", "context", "qc")
@@ -39,35 +39,33 @@ def segment_ids_for_keys(num_keys: int, needle: tuple[int, int], qc_start: int) 
     return labels
 
 
-def query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, window: int | None,
-                chunk: int | None, sinks: jax.Array | None = None) -> jax.Array:
+def query_probs(q: jax.Array, k: jax.Array, q_positions: jax.Array, rule: MaskRule,
+                sinks: jax.Array | None = None) -> jax.Array:
     """Post-softmax probabilities [H, Q, S] of queries q [Q, H, D] over keys k [S, Hkv, D].
 
-    Keys sit at positions 0..S-1; masks follow hybridlm.ops semantics. With a sink logit the
+    Keys sit at positions 0..S-1, masked by the layer's `rule`. With a sink logit the
     probabilities of a row sum to less than one (the sink takes the rest), as in the model.
     """
     num_q, h, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(num_q, hkv, h // hkv, d).astype(jnp.float32)
     scores = jnp.einsum("qkgd,skd->kgqs", qg, k.astype(jnp.float32)) / np.sqrt(d)
-    mask = visible_keys(q_positions, k.shape[0], window, chunk)
+    mask = visible_keys(q_positions, k.shape[0], rule)
     sink = None if sinks is None else sinks.reshape(hkv, h // hkv, 1, 1)
     probs, _ = masked_softmax(scores, mask, sink)
     return probs.reshape(h, num_q, k.shape[0])
 
 
-def visible_keys(q_positions: jax.Array, num_keys: int, window: int | None,
-                 chunk: int | None) -> jax.Array:
+def visible_keys(q_positions: jax.Array, num_keys: int, rule: MaskRule) -> jax.Array:
     """[Q, S] bool: which keys (at positions 0..S-1) each query may attend to."""
-    spec = MaskSpec(causal=True, window=window, chunk=chunk,
-                    q_positions=q_positions[None, :], kv_positions=jnp.arange(num_keys)[None])
+    spec = rule.for_tokens(q_positions=q_positions[None, :],
+                           kv_positions=jnp.arange(num_keys)[None])
     return dense_mask(spec, len(q_positions), num_keys)[0]
 
 
-def uniform_probs(q_positions: jax.Array, num_keys: int, window: int | None,
-                  chunk: int | None) -> jax.Array:
+def uniform_probs(q_positions: jax.Array, num_keys: int, rule: MaskRule) -> jax.Array:
     """[1, Q, S]: uniform attention over each query's visible keys (the baseline)."""
-    mask = visible_keys(q_positions, num_keys, window, chunk).astype(jnp.float32)
+    mask = visible_keys(q_positions, num_keys, rule).astype(jnp.float32)
     return (mask / mask.sum(-1, keepdims=True))[None]
 
 

@@ -29,7 +29,7 @@ def init_cache(model_cfg: Mapping[str, Any], batch: int, max_len: int,
     hkv, hd = model_cfg["num_kv_heads"], model_cfg["head_dim"]
 
     def layer(spec):
-        return empty_cache(batch, cache_size(max_len, spec.window, spec.chunk), hkv, hd, dtype)
+        return empty_cache(batch, cache_size(max_len, spec.mask), hkv, hd, dtype)
 
     def stacked(spec):
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (layout.num_groups, *a.shape)),
@@ -45,7 +45,7 @@ def cache_bytes(model_cfg: Mapping[str, Any], batch: int, max_len: int,
     the same model (every layer keeping max_len entries), and their ratio."""
     per_entry = 2 * batch * model_cfg["num_kv_heads"] * model_cfg["head_dim"] * bytes_per_value
     layers = layer_layout(model_cfg).layers()
-    hybrid = sum(cache_size(max_len, s.window, s.chunk) for s in layers) * per_entry
+    hybrid = sum(cache_size(max_len, s.mask) for s in layers) * per_entry
     full = len(layers) * max_len * per_entry
     return {"hybrid_bytes": float(hybrid), "full_bytes": float(full),
             "fraction": float(np.float64(hybrid) / full)}

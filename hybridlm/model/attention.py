@@ -86,9 +86,8 @@ class Attention(nnx.Module):
         """[B, T, d_model] -> [B, T, d_model]: the sequence attends to itself."""
         spec = self.spec
         q, k, v = self.project(x, positions)
-        mask = ops.MaskSpec(causal=True, window=spec.window, chunk=spec.chunk,
-                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            q_positions=positions, kv_positions=positions)
+        mask = spec.mask.for_tokens(q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                    q_positions=positions, kv_positions=positions)
         out = ops.attention(q, k, v, mask, self.impl, sinks=self.sink_logits())
         return dense(out, self.wo[...], contract=2)
 
@@ -96,7 +95,6 @@ class Attention(nnx.Module):
                cache: ops.LayerCache) -> tuple[jax.Array, ops.LayerCache]:
         """New tokens [B, n, d_model] against the layer's KV cache: (output, updated cache)."""
         q, k, v = self.project(x, positions)
-        out, cache = ops.kv_cache.attend(cache, q, k, v, positions, window=self.spec.window,
-                                         chunk=self.spec.chunk, impl=self.impl,
-                                         sinks=self.sink_logits())
+        out, cache = ops.kv_cache.attend(cache, q, k, v, positions, self.spec.mask,
+                                         impl=self.impl, sinks=self.sink_logits())
         return dense(out, self.wo[...], contract=2), cache

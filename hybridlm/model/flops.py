@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hybridlm.model.pattern import LayerSpec, expand
-from hybridlm.ops.masks import visible_key_counts
+from hybridlm.ops.masks import MaskRule
 
 
 def _layer_params(cfg: Mapping[str, Any], spec: LayerSpec) -> tuple[int, int]:
@@ -47,16 +47,16 @@ def matmul_param_count(cfg: Mapping[str, Any]) -> int:
     return head + sum(_layer_params(cfg, spec)[0] for spec in layers(cfg))
 
 
-def mean_visible_keys(seq_len: int, window: int | None = None, chunk: int | None = None) -> float:
-    """Keys a causal query sees, averaged over positions 0..seq_len-1 (the mask rule's own
-    count, `hybridlm.ops.masks.visible_key_counts`)."""
-    return float(visible_key_counts(seq_len, causal=True, window=window, chunk=chunk).mean())
+def mean_visible_keys(seq_len: int, rule: MaskRule) -> float:
+    """Keys a query sees, averaged over positions 0..seq_len-1 (the mask rule's own
+    count, `MaskRule.visible_key_counts`)."""
+    return float(rule.visible_key_counts(seq_len).mean())
 
 
 def attention_flops_per_token(cfg: Mapping[str, Any], seq_len: int) -> float:
     """Training (forward + backward) attention FLOPs per token, summed over layers."""
     width = cfg["num_heads"] * cfg["head_dim"]
-    return sum(12.0 * width * mean_visible_keys(seq_len, spec.window, spec.chunk)
+    return sum(12.0 * width * mean_visible_keys(seq_len, spec.mask)
                for spec in layers(cfg))
 
 

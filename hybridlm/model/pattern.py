@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from hybridlm.ops.masks import MaskRule
+
 ROPE_STYLES = ("half", "interleaved")
 QK_NORMS = ("none", "pre_rope", "post_rope")
 
@@ -36,9 +38,14 @@ class LayerSpec:
     sink: bool = False  # learned per-head sink logit in the softmax (GPT-OSS)
 
     @property
+    def mask(self) -> MaskRule:
+        """The layer's mask rule (always causal: a decoder), whole, for every consumer."""
+        return MaskRule(causal=True, window=self.window, chunk=self.chunk)
+
+    @property
     def is_local(self) -> bool:
         """True when the layer sees a bounded span (window or chunk)."""
-        return self.window is not None or self.chunk is not None
+        return self.mask.span is not None
 
 
 LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec) if f.name != "name")

@@ -10,7 +10,7 @@ from hybridlm.ops.attention import (
 )
 from hybridlm.ops.blockwise import blockwise_attention
 from hybridlm.ops.kv_cache import LayerCache
-from hybridlm.ops.masks import MaskSpec, dense_mask
+from hybridlm.ops.masks import MaskRule, MaskSpec, dense_mask
 
-__all__ = ["IMPLS", "LayerCache", "MaskSpec", "attention", "blockwise_attention",
+__all__ = ["IMPLS", "LayerCache", "MaskRule", "MaskSpec", "attention", "blockwise_attention",
            "dense_attention", "dense_mask", "kernel_tiles", "kv_cache", "resolve_impl"]

@@ -1,7 +1,7 @@
 """Which (query block, key block) pairs a mask reaches, and in what order to compute them.
 
-Pure index geometry, no arrays: `plan()` turns the lengths, the tiles and the mask's
-causal / window / chunk rule into `Step`s for the kernel in `blockwise.py`. Two layouts:
+Pure index geometry, no arrays: `plan()` turns the lengths, the tiles and the layer's
+`MaskRule` (its visible offsets) into `Step`s for the kernel in `blockwise.py`. Two layouts:
 
 - steps: step s pairs every query block with its s-th visible key block counted back from
   the diagonal; `schedule()` regroups them into loop iterations of one shape (`Tiles`), so
@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 
-from hybridlm.ops.masks import MaskSpec, visible_offsets
+from hybridlm.ops.masks import MaskRule
 
 # A window or chunk of span S uses blocks of at most S / SPAN_BLOCKS (but >= MIN_BLOCK), so
 # that the partly hidden blocks at its two edges add at most ~1/8 of the visible work.
@@ -61,8 +61,8 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=256)
-def plan(q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
-         window: int | None, chunk: int | None, always_mask: bool,
+def plan(q_len: int, kv_len: int, block_q: int, block_kv: int, rule: MaskRule,
+         always_mask: bool,
          q_blocks_per_step: int | None = None, strips: bool = False) -> Plan:
     """The steps that cover every visible (query, key) pair.
 
@@ -72,7 +72,7 @@ def plan(q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
     them all). With `strips`, each step is instead one query block against all its visible key
     blocks (a contiguous run) at once: one plain softmax per row, no online rescaling.
     """
-    lo, hi = visible_offsets(causal, window, chunk)  # allowed q_index - kv_index
+    lo, hi = rule.visible_offsets()  # allowed q_index - kv_index
     nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
     visible = []  # per query block: [(kv block, entirely visible)], nearest first
     for i in range(nq):
@@ -197,14 +197,14 @@ def schedule(p: Plan, max_pairs: int) -> Schedule:
     return Schedule(p, tuple(loops))
 
 
-def block_sizes(spec: MaskSpec, q_len: int, kv_len: int, block_q: int,
+def block_sizes(rule: MaskRule, q_len: int, kv_len: int, block_q: int,
                 block_kv: int) -> tuple[int, int]:
     """The block sizes used: the configured ones, capped by the sequence lengths and, for
     a window or chunk, by span / SPAN_BLOCKS (never below MIN_BLOCK)."""
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"attention block sizes must be >= 1, got block_q={block_q}, "
                          f"block_kv={block_kv}")
-    if spec.span is not None:
-        cap = max(MIN_BLOCK, spec.span // SPAN_BLOCKS)
+    if rule.span is not None:
+        cap = max(MIN_BLOCK, rule.span // SPAN_BLOCKS)
         block_q, block_kv = min(block_q, cap), min(block_kv, cap)
     return min(block_q, q_len), min(block_kv, kv_len)

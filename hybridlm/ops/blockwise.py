@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybridlm.ops.block_plan import Plan, Schedule, Tiles, block_sizes, plan, schedule
-from hybridlm.ops.masks import MaskSpec, positions_or_default, visible
+from hybridlm.ops.masks import MaskRule, MaskSpec, positions_or_default
 
 __all__ = ["DEFAULT_BLOCK_KV", "DEFAULT_BLOCK_Q", "block_sizes", "blockwise_attention", "plan",
            "unrolled"]
@@ -75,16 +75,14 @@ class _Static:
     plan: Plan
     schedule: Schedule | None  # None: strips
     groups: int  # query heads per key/value head
-    causal: bool
-    window: int | None
-    chunk: int | None
+    rule: MaskRule
     keep_probs: bool = False  # strips only: save each strip's probabilities for backward
 
 
 # -- masks and scores, shared by strips and loops ----------------------------------------
 
 def _mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg, kv_real, keys_first: bool):
-    """The rule of `masks.visible` for n block pairs, from query-side values [B|1, n, bq]
+    """The rule's `visible` for n block pairs, from query-side values [B|1, n, bq]
     and key-side values [B|1, n, bk] (kv_real [n, bk]: False for padding keys, None when
     there are none): [B|1, 1, n, 1, bq, bk], or [B|1, 1, n, bk, 1, bq] with keys_first."""
 
@@ -95,8 +93,7 @@ def _mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg, kv_real, keys_first: bool):
         return x[:, None, :, :, None, None] if keys_first else x[:, None, :, None, None, :]
 
     segments = {} if q_seg is None else dict(q_segments=rows(q_seg), kv_segments=cols(kv_seg))
-    mask = visible(rows(q_pos), cols(kv_pos), causal=st.causal, window=st.window,
-                   chunk=st.chunk, **segments)
+    mask = st.rule.visible(rows(q_pos), cols(kv_pos), **segments)
     return mask if kv_real is None else mask & cols(kv_real[None])
 
 
@@ -414,8 +411,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     bq, bk = block_sizes(spec, t, s_len, block_q, block_kv)
-    always_mask = spec.q_segment_ids is not None or spec.chunk is not None
-    geometry = (t, s_len, bq, bk, spec.causal, spec.window, spec.chunk, always_mask)
+    always_mask = spec.q_segment_ids is not None or not spec.offsets_exact
+    geometry = (t, s_len, bq, bk, spec.rule, always_mask)
     chosen = plan(*geometry, strips=True)
     widest = max((step.kv_span for step in chosen.steps), default=1)
     if strips is None:
@@ -427,8 +424,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec
         per_iteration = max(1, SCORES_PER_STEP // (b * h * bq * bk))  # block pairs
         loops = schedule(chosen, min(per_iteration, chosen.num_q_blocks))
     keep_probs = keep_probs and strips and b * h * chosen.computed_pairs() <= KEEP_PROBS
-    st = _Static(chosen, loops, groups=h // hkv, causal=spec.causal, window=spec.window,
-                 chunk=spec.chunk, keep_probs=keep_probs)
+    st = _Static(chosen, loops, groups=h // hkv, rule=spec.rule, keep_probs=keep_probs)
     nq, nk = chosen.num_q_blocks, chosen.num_kv_blocks
     kv_positions = spec.kv_positions
     if kv_positions is None and t == s_len:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from hybridlm.ops.attention import attention
 from hybridlm.ops.blockwise import unrolled
-from hybridlm.ops.masks import MaskSpec, visible_key_counts
+from hybridlm.ops.masks import MaskRule, MaskSpec
 
 _INSTRUCTION = re.compile(r"^\s+(ROOT )?%?[\w.\-]+ = ", re.MULTILINE)
 
@@ -70,10 +70,11 @@ def attention_cost(impl: str, *, batch: int, length: int, heads: int, kv_heads: 
     return compiled_cost(grad, q, kv, kv)
 
 
-def visible_pairs(length: int, causal: bool = True, window: int | None = None,
-                  chunk: int | None = None) -> int:
-    """Exact number of (query, key) pairs the mask shows, self-attention, one head."""
-    return int(visible_key_counts(length, causal=causal, window=window, chunk=chunk).sum())
+def visible_pairs(length: int, rule: MaskRule | None = None, **rule_fields) -> int:
+    """Exact number of (query, key) pairs the mask shows, self-attention, one head; the
+    mask is `rule`, or the MaskRule of `rule_fields` (window=..., chunk=...)."""
+    rule = MaskRule(**rule_fields) if rule is None else rule
+    return int(rule.visible_key_counts(length).sum())
 
 
 def attention_matmul_flops(pairs: int, batch: int, heads: int, head_dim: int) -> int:

@@ -51,6 +51,8 @@ def limitation(q_shape: tuple[int, ...], k_shape: tuple[int, ...], dtype, spec: 
         return "packed segments (segment ids) before Hopper (cuDNN's packed layout needs sm_90)"
     if spec.chunk is not None:
         return "chunked attention"
+    if not spec.uses_only("causal", "window"):
+        return f"a mask rule beyond causal and window ({spec.rule})"
     if has_sinks:
         return "sink logits"
     if spec.window is not None and not spec.causal:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hybridlm.ops.attention import attention
-from hybridlm.ops.masks import MaskSpec, span
+from hybridlm.ops.masks import MaskRule
 
 
 @jax.tree_util.register_dataclass
@@ -35,10 +35,9 @@ class LayerCache:
         return self.k.shape[1]
 
 
-def cache_size(max_len: int, window: int | None, chunk: int | None) -> int:
+def cache_size(max_len: int, rule: MaskRule) -> int:
     """Slots a layer needs: all positions, or its span (window or chunk), whichever is less."""
-    reach = span(window, chunk)
-    return max_len if reach is None else min(max_len, reach)
+    return max_len if rule.span is None else min(max_len, rule.span)
 
 
 def empty_cache(batch: int, size: int, kv_heads: int, head_dim: int,
@@ -60,22 +59,21 @@ def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -
 
 
 def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-           *, window: int | None, chunk: int | None, impl: str = "auto",
+           rule: MaskRule, *, impl: str = "auto",
            sinks: jax.Array | None = None, **kernel) -> tuple[jax.Array, LayerCache]:
     """Attention of the new tokens (q, k, v at `positions` [B, n]) given the cache; returns
-    (output [B, n, H, D], updated cache)."""
+    (output [B, n, H, D], updated cache). `rule` must be causal: the cache holds only
+    keys up to the newest token."""
     if q.shape[1] > 1:  # the prompt: the cache is empty, the prompt attends to itself
-        spec = MaskSpec(causal=True, window=window, chunk=chunk, q_positions=positions,
-                        kv_positions=positions)
+        spec = rule.for_tokens(q_positions=positions, kv_positions=positions)
         out = attention(q, k, v, spec, impl, sinks=sinks, **kernel)
     else:
         keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
         values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
         kv_pos = jnp.concatenate([cache.positions, positions.astype(jnp.int32)], axis=1)
-        spec = MaskSpec(causal=True, window=window, chunk=chunk,
-                        q_segment_ids=jnp.ones_like(positions, jnp.int32),
-                        kv_segment_ids=(kv_pos >= 0).astype(jnp.int32),
-                        q_positions=positions, kv_positions=kv_pos)
+        spec = rule.for_tokens(q_segment_ids=jnp.ones_like(positions, jnp.int32),
+                               kv_segment_ids=(kv_pos >= 0).astype(jnp.int32),
+                               q_positions=positions, kv_positions=kv_pos)
         out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), spec, "dense",
                         sinks=sinks)
     return out, write(cache, k, v, positions)

@@ -33,7 +33,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
 
-from hybridlm.ops.masks import MaskSpec, visible_offsets
+from hybridlm.ops.masks import MaskRule, MaskSpec
 
 PAD_SEGMENT = -1  # segment id of padding keys: no real query shares it
 LANES = 128  # splash tiles are multiples of the TPU lane width, in interpret mode too
@@ -42,6 +42,8 @@ LANES = 128  # splash tiles are multiples of the TPU lane width, in interpret mo
 def unsupported(q: jax.Array, k: jax.Array, spec: MaskSpec, sinks) -> str | None:
     """Why splash cannot compute this case exactly, or None when it can."""
     del sinks  # splash takes per-head sinks
+    if not spec.uses_only("causal", "window", "chunk"):
+        return f"a mask rule beyond causal, window and chunk ({spec.rule})"
     if q.shape[1] != k.shape[1]:
         return "query and key lengths differ (splash here is self-attention only)"
     if spec.chunk is not None and not spec.causal:
@@ -53,16 +55,16 @@ def unsupported(q: jax.Array, k: jax.Array, spec: MaskSpec, sinks) -> str | None
     return None
 
 
-def _mask(spec: MaskSpec, length: int, heads: int) -> sm.MultiHeadMask:
+def _mask(rule: MaskRule, length: int, heads: int) -> sm.MultiHeadMask:
     shape = (length, length)
-    if spec.chunk is not None:
-        mask = sm.ChunkedCausalMask(shape, spec.chunk)
-        if spec.window is not None:
-            mask = sm.LogicalAnd(mask, sm.LocalMask(shape, (spec.window - 1, 0), 0))
-    elif spec.window is not None:
-        right = 0 if spec.causal else spec.window - 1
-        mask = sm.LocalMask(shape, (spec.window - 1, right), 0)
-    elif spec.causal:
+    if rule.chunk is not None:
+        mask = sm.ChunkedCausalMask(shape, rule.chunk)
+        if rule.window is not None:
+            mask = sm.LogicalAnd(mask, sm.LocalMask(shape, (rule.window - 1, 0), 0))
+    elif rule.window is not None:
+        right = 0 if rule.causal else rule.window - 1
+        mask = sm.LocalMask(shape, (rule.window - 1, right), 0)
+    elif rule.causal:
         mask = sm.CausalMask(shape)
     else:
         mask = sm.FullMask(shape)
@@ -70,17 +72,15 @@ def _mask(spec: MaskSpec, length: int, heads: int) -> sm.MultiHeadMask:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(spec_key, length: int, heads: int, block_q: int, block_kv: int,
+def _kernel(rule: MaskRule, length: int, heads: int, block_q: int, block_kv: int,
             interpret: bool):
-    causal, window, chunk = spec_key
-    spec = MaskSpec(causal=causal, window=window, chunk=chunk)
     sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                           block_q_dkv=block_q, block_kv_dkv=block_kv,
                           block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                           block_kv_dq=block_kv)
 
     def build():
-        return sk.make_splash_mha(_mask(spec, length, heads), block_sizes=sizes,
+        return sk.make_splash_mha(_mask(rule, length, heads), block_sizes=sizes,
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
 
     # The mask tables must be concrete host arrays, safe to cache across traces. JAX's trace
@@ -97,7 +97,7 @@ def tiles(block_q: int, block_kv: int, t: int) -> tuple[int, int, int]:
     return bq, bk, -(-t // tile) * tile  # both block sizes must divide the padded length
 
 
-def visited_blocks(spec: MaskSpec, t: int, block_q: int = 512,
+def visited_blocks(rule: MaskRule, t: int, block_q: int = 512,
                    block_kv: int = 512) -> tuple[int, int, int]:
     """(blocks the forward kernel computes, block_q, block_kv) for one head and sequence:
     the work XLA's cost analysis cannot see inside the kernel.
@@ -108,13 +108,13 @@ def visited_blocks(spec: MaskSpec, t: int, block_q: int = 512,
     masks are counted from splash's map itself.
     """
     bq, bk, length = tiles(block_q, block_kv, t)
-    if spec.chunk is not None:
-        info, _ = mi.process_mask(_mask(spec, length, 1), (bq, bk), shrink_grid=False)
+    if rule.chunk is not None:
+        info, _ = mi.process_mask(_mask(rule, length, 1), (bq, bk), shrink_grid=False)
         return int((info.block_mask != 0).sum()), bq, bk
     q_first = np.arange(length // bq)[:, None] * bq
     k_first = np.arange(length // bk)[None, :] * bk
     q_last, k_last = q_first + bq - 1, k_first + bk - 1
-    lo, hi = visible_offsets(spec.causal, spec.window, None)  # keys p - hi .. p - lo
+    lo, hi = rule.visible_offsets()  # keys p - hi .. p - lo
     left, right = hi, -lo
     visited = (k_first <= q_last + right) & (k_last >= q_first - left)
     return int(visited.sum()), bq, bk
@@ -133,12 +133,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *
     q_seg, kv_seg = (None if x is None else x.astype(jnp.int32)
                      for x in (spec.q_segment_ids, spec.kv_segment_ids))
     return _splash_local(q, k, v, q_seg, kv_seg, sinks,
-                         key=(spec.causal, spec.window, spec.chunk), scale=scale,
+                         rule=spec.rule, scale=scale,
                          block_q=block_q, block_kv=block_kv,
                          interpret=_target_platform() != "tpu")
 
 
-def _splash_local(q, k, v, q_seg, kv_seg, sinks, *, key, scale: float, block_q: int,
+def _splash_local(q, k, v, q_seg, kv_seg, sinks, *, rule: MaskRule, scale: float, block_q: int,
                   block_kv: int, interpret: bool) -> jax.Array:
     """The kernel on the arrays it is given (one device's share under a mesh)."""
     b, t, h, _ = q.shape
@@ -153,7 +153,7 @@ def _splash_local(q, k, v, q_seg, kv_seg, sinks, *, key, scale: float, block_q: 
         return jnp.pad(x, ((0, 0), (0, length - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
     q_scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    kernel = _kernel(key, length, h, bq, bk, interpret)
+    kernel = _kernel(rule, length, h, bq, bk, interpret)
 
     def one(qi, ki, vi, ids):
         return kernel(qi, ki, vi, segment_ids=ids, sinks=sinks)

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from hybridlm.errors import ConfigError
 from hybridlm.ops.attention import parallel_attention
-from hybridlm.ops.masks import MaskSpec, dense_mask, span
+from hybridlm.ops.masks import MaskRule, MaskSpec, dense_mask
 from hybridlm.ops.softmax import masked_softmax
 from hybridlm.parallel.rules import ACTIVATION_RULES, logical_to_spec
 
@@ -143,10 +143,11 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
 
     q [B, T, H, D], k/v [B, T, Hkv, D] in the layout's order; positions (true ones) and
     segment ids as in `spec`. Falls back to `local` under plain GSPMD for what it does not
-    split (cross-attention, non-causal masks).
+    split (cross-attention, any rule under which a query sees a later key: the halo and the
+    skipping of later chunks assume it cannot).
     """
     b, t, h, d = q.shape
-    if k.shape[1] != t or not spec.causal:
+    if k.shape[1] != t or spec.visible_offsets()[0] < 0:  # some query sees a later key
         _say_once("context parallelism: non-causal or cross-attention runs unsplit (GSPMD)")
         return local(q, k, v, spec, scale=scale, sinks=sinks)
     if t % (layout.shards * layout.per_shard):
@@ -166,8 +167,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
     positions = jnp.broadcast_to(positions.astype(jnp.int32), (b, t))
     segments = spec.q_segment_ids
     segments = jnp.zeros((b, t), jnp.int32) if segments is None else segments.astype(jnp.int32)
-    body = functools.partial(_shard_attention, window=spec.window, chunk=spec.chunk,
-                             local=local, scale=scale, layout=layout, impl=impl)
+    body = functools.partial(_shard_attention, rule=spec.rule, local=local, scale=scale,
+                             layout=layout, impl=impl)
     args, specs = [q, k, v, positions, segments], [q_spec, kv_spec, kv_spec, ids_spec, ids_spec]
     if sinks is not None:
         args.append(sinks)
@@ -176,19 +177,19 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
                          check_vma=False)(*args)
 
 
-def _shard_attention(q, k, v, positions, segments, sinks=None, *, window, chunk, local,
+def _shard_attention(q, k, v, positions, segments, sinks=None, *, rule: MaskRule, local,
                      scale, layout: Layout, impl: str):
     """One device's share: its query chunks against the keys they may see."""
-    reach = span(window, chunk)
+    reach = rule.span
     chunk_len = q.shape[1] // layout.per_shard
     if reach is not None and reach - 1 <= chunk_len:
-        return _halo_attention(q, k, v, positions, segments, sinks, window=window,
-                               chunk=chunk, local=local, scale=scale, layout=layout)
+        return _halo_attention(q, k, v, positions, segments, sinks, rule=rule, local=local,
+                               scale=scale, layout=layout)
     if reach is not None:
         _say_once(f"context parallelism: span {reach} exceeds a chunk of {chunk_len} tokens; "
                   "this layer fetches all earlier keys like a full layer")
-    full = functools.partial(_full_attention, window=window, chunk=chunk, scale=scale,
-                             layout=layout, impl=impl)
+    full = functools.partial(_full_attention, rule=rule, scale=scale, layout=layout,
+                             impl=impl)
     # Rematerialised: the backward pass re-fetches the keys rather than keeping the
     # whole sequence's keys and per-pair outputs alive from forward to backward.
     return jax.checkpoint(full)(q, k, v, positions, segments, sinks)
@@ -227,12 +228,12 @@ def exchange_halos(tails: list[jax.Array], layout: Layout) -> list[jax.Array]:
     return out
 
 
-def _halo_attention(q, k, v, positions, segments, sinks, *, window, chunk, local, scale,
+def _halo_attention(q, k, v, positions, segments, sinks, *, rule: MaskRule, local, scale,
                     layout: Layout):
     b, tl, h, d = q.shape
     m = layout.per_shard
     c = tl // m
-    w = span(window, chunk) - 1  # keys a query sees before it
+    w = rule.span - 1  # keys a query sees before it
     qc, kc, vc, pc, sc = (_chunks(x, m) for x in (q, k, v, positions, segments))
     if w:
         halo_k, halo_v, halo_p, halo_s = exchange_halos(
@@ -248,22 +249,22 @@ def _halo_attention(q, k, v, positions, segments, sinks, *, window, chunk, local
     def rows(x):  # [B, m, w + c, ...] -> [B * m, w + c, ...]: one kernel call for all chunks
         return x.reshape(b * m, w + c, *x.shape[3:])
 
-    mask = MaskSpec(causal=True, window=window, chunk=chunk, q_segment_ids=rows(sc),
-                    kv_segment_ids=rows(sc), q_positions=rows(pc), kv_positions=rows(pc))
+    mask = rule.for_tokens(q_segment_ids=rows(sc), kv_segment_ids=rows(sc),
+                           q_positions=rows(pc), kv_positions=rows(pc))
     out = local(rows(qc), rows(kc), rows(vc), mask, scale=scale, sinks=sinks)
     return out.reshape(b, m, w + c, h, d)[:, :, w:].reshape(b, tl, h, d)
 
 
 # -- full causal layers: all keys, by all-gather or ring, online softmax over chunk pairs --
 
-def _pair(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, scale, window, chunk):
+def _pair(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, scale, rule: MaskRule):
     """Attention of one query chunk to one key chunk: (out [B, c, H, D] f32, lse [B, c, H])."""
     b, c, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, c, hkv, h // hkv, d)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    spec = MaskSpec(causal=True, window=window, chunk=chunk, q_segment_ids=q_seg,
-                    kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos)
+    spec = rule.for_tokens(q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
+                           kv_positions=kv_pos)
     p, lse = masked_softmax(s, dense_mask(spec, c, k.shape[1])[:, None, None])
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
                      preferred_element_type=jnp.float32).reshape(b, c, h, d)
@@ -278,7 +279,7 @@ def _merge(acc, part):
     return o1 * jnp.exp(l1 - lse)[..., None] + o2 * jnp.exp(l2 - lse)[..., None], lse
 
 
-def _full_attention(q, k, v, positions, segments, sinks, *, window, chunk, scale,
+def _full_attention(q, k, v, positions, segments, sinks, *, rule: MaskRule, scale,
                     layout: Layout, impl: str):
     b, tl, h, d = q.shape
     n, m = layout.shards, layout.per_shard
@@ -286,7 +287,7 @@ def _full_attention(q, k, v, positions, segments, sinks, *, window, chunk, scale
     r = jax.lax.axis_index(AXIS)
     table = jnp.asarray(layout.table())
     mine = table[r]
-    pair = jax.checkpoint(functools.partial(_pair, scale=scale, window=window, chunk=chunk))
+    pair = jax.checkpoint(functools.partial(_pair, scale=scale, rule=rule))
 
     def empty(*args):
         return jnp.zeros((b, c, h, d), jnp.float32), jnp.full((b, c, h), NO_KEYS, jnp.float32)

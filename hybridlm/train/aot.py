@@ -28,7 +28,7 @@ from hybridlm.errors import ConfigError
 from hybridlm.model import abstract_model, flops_per_token
 from hybridlm.model.flops import layers, param_count
 from hybridlm.model.pattern import layer_layout
-from hybridlm.ops import MaskSpec, resolve_impl, splash
+from hybridlm.ops import resolve_impl, splash
 from hybridlm.parallel.mesh import check_batch, make_mesh
 from hybridlm.train.optim import decay_mask, make_optimizer
 from hybridlm.train.state import make_layout
@@ -255,8 +255,7 @@ def splash_flops(cfg: mlc.ConfigDict) -> float:
     m, seq_len = cfg.model, cfg.data.seq_len
     total = 0.0
     for spec in layers(config_lib.model_dict(cfg)):
-        mask = MaskSpec(causal=True, window=spec.window, chunk=spec.chunk)
-        blocks, bq, bk = splash.visited_blocks(mask, seq_len, m.attention_block_q,
+        blocks, bq, bk = splash.visited_blocks(spec.mask, seq_len, m.attention_block_q,
                                                m.attention_block_kv)
         total += blocks * bq * bk * 12.0 * m.num_heads * m.head_dim
     return total * cfg.train.batch_size
