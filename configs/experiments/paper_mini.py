@@ -56,9 +56,9 @@ def evaluations(seq_len: int, samples: int) -> list[list[str]]:
 
 
 def get_sweep(arg=None):
-    arg = parse_arg(arg, variants=VARIANTS, seeds=2, size="mini", seq_len=256, window=64,
+    arg = parse_arg(arg, variants=VARIANTS, seeds=3, size="mini", seq_len=256, window=64,
                     steps=1200, batch=8, lr=3e-3, warm_len=64, warm_steps=3000, warm_batch=16,
-                    needles=0.6, repeats=0.25, ext_factor=4, ext_steps=0,
+                    needles=0.6, repeats=0.25, ext_factor=4, ext_steps=200,
                     ext_theta=100_000.0, ext_lr=1e-3, samples=20)
     size = MINI if arg.size == "mini" else {}
     config = (f"configs/paper.py:size={'tiny' if arg.size == 'mini' else arg.size},"
