@@ -31,7 +31,7 @@ def continue_all(prompts: Sequence[np.ndarray], new: Sequence[int], generate: Ge
     """Greedy continuations of every prompt (`new[i]` tokens for prompt i), in input order;
     prompts of one length and continuation length go through `generate` `batch` at a time."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, (p, n) in enumerate(zip(prompts, new)):
+    for i, (p, n) in enumerate(zip(prompts, new, strict=True)):
         groups[(len(p), int(n))].append(i)
     outputs: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
@@ -39,7 +39,7 @@ def continue_all(prompts: Sequence[np.ndarray], new: Sequence[int], generate: Ge
             for start in range(0, len(members), batch):
                 chunk = members[start:start + batch]
                 out = generate(np.stack([prompts[i] for i in chunk]), n)
-                for i, row in zip(chunk, out):
+                for i, row in zip(chunk, out, strict=True):
                     outputs[i] = row
                 bar.update(len(chunk))
     return outputs
@@ -54,7 +54,7 @@ def run_task(task: str, generate: GenerateFn, tokenizer, haystack: np.ndarray,
     new = [len(tokenizer.encode(s.answer)) + 4 for s in samples]
     outs = continue_all([s.ids for s in samples], new, generate, batch, task, progress)
     rows = []
-    for s, out in zip(samples, outs):
+    for s, out in zip(samples, outs, strict=True):
         text = tokenizer.decode(out)
         rows.append({"length": s.length, "depth": s.depth, "score": scoring.score(s, text),
                      "answer": s.answer.strip(), "output": text})
