@@ -55,3 +55,25 @@ def test_loss_by_position_buckets_and_batches():
     assert out["mean_loss"] == pytest.approx(mean_first + 7.5)
     with pytest.raises(ValueError, match="longer than"):
         perplexity.loss_by_position(losses, docs, 64)
+
+
+def test_batched_continuations_equal_one_prompt_at_a_time():
+    """Needle prompts continued in batches (grouped by length, padded to a power of two)
+    give the tokens each prompt gets alone, in the input order."""
+    from hybridlm.eval.commands import Decoder
+    from hybridlm.eval.retrieval import continue_all
+
+    cfg = tiny_model_config("rnope_swa", vocab_size=300)
+    model = build(cfg).model
+    samples = tasks.make_samples("niah_single", TOK, HAY, [96], [0.0, 1.0], 3, seed=0)
+    prompts = [s.ids for s in samples]
+    new = [5 + i % 2 for i in range(len(samples))]  # two answer lengths within a length
+    decode = Decoder(model, cfg)
+    batched = continue_all(prompts, new, decode, batch=4, progress=False)
+    alone = continue_all(prompts, new, decode, batch=1, progress=False)
+    assert len(batched) == len(samples)
+    for b, a, n in zip(batched, alone, new, strict=True):
+        assert len(b) == n
+        np.testing.assert_array_equal(b, a)
+    sizes = {b for _, b in decode.generators}  # groups of equal prompt and answer length
+    assert max(sizes) > 1 and all(b & (b - 1) == 0 for b in sizes)

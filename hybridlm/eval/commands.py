@@ -94,22 +94,28 @@ def _plot(draw, *args, **kwargs) -> None:
 
 
 class Decoder:
-    """Greedy continuation of one prompt at a time (retrieval.GenerateFn). One Generator, with
-    a KV cache sized to it, per maximum length (rounded up to `bucket`); prompts prefill in
-    multiples of `prefill_multiple` tokens so that samples of many lengths share compiles."""
+    """Greedy continuations of a batch of equal-length prompts (retrieval.GenerateFn). One
+    Generator, with a KV cache sized to it, per maximum length (rounded up to `bucket`) and
+    batch size (rounded up to a power of two by repeating the last prompt, so that a grid's
+    batches share a few compiles); prompts prefill in multiples of `prefill_multiple`
+    tokens so that samples of many lengths share compiles too."""
 
     def __init__(self, model: Transformer, model_cfg: dict, bucket: int = 256,
                  prefill_multiple: int = 64):
         self.model, self.model_cfg, self.bucket = model, model_cfg, bucket
         self.prefill_multiple = prefill_multiple
-        self.generators: dict[int, Generator] = {}
+        self.generators: dict[tuple[int, int], Generator] = {}
 
-    def __call__(self, prompt: np.ndarray, new: int) -> np.ndarray:
-        max_len = -(-(len(prompt) + new) // self.bucket) * self.bucket
-        if max_len not in self.generators:
-            self.generators[max_len] = Generator(self.model, self.model_cfg, 1, max_len,
-                                                     self.prefill_multiple)
-        return self.generators[max_len].generate(np.asarray(prompt)[None], new)[0]
+    def __call__(self, prompts: np.ndarray, new: int) -> np.ndarray:
+        prompts = np.asarray(prompts)
+        b, n = prompts.shape
+        padded = 1 << (b - 1).bit_length()
+        rows = np.concatenate([prompts, np.repeat(prompts[-1:], padded - b, axis=0)])
+        max_len = -(-(n + new) // self.bucket) * self.bucket
+        if (max_len, padded) not in self.generators:
+            self.generators[max_len, padded] = Generator(
+                self.model, self.model_cfg, padded, max_len, self.prefill_multiple)
+        return self.generators[max_len, padded].generate(rows, new)[:b]
 
 
 # ---- eval: needles, RULER-style tasks, loss by position ------------------------------------

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from hybridlm.infer.cache import init_cache
 from hybridlm.model.attention import config_tiles
@@ -100,7 +101,10 @@ class Generator:
                 pos = jnp.full((b, 1), n + i, jnp.int32)
                 logits, cache = self._step(token[:, None], pos, cache)
                 logits = logits[:, -1]
-        return np.asarray(jnp.stack(out, axis=1))
+        tokens = jnp.stack(out, axis=1)
+        if not tokens.is_fully_addressable:  # a batch split over processes: each gets all
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
+        return np.asarray(tokens)
 
     def logits_stepwise(self, tokens: np.ndarray, prompt_len: int) -> np.ndarray:
         """Teacher-forced logits [B, T, V]: the prompt tokens[:, :prompt_len] at once, then the
