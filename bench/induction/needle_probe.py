@@ -19,7 +19,7 @@ from flax import nnx
 
 from hybridlm.data.prepare import resolve_tokenizer
 from hybridlm.eval import heldout, tasks
-from hybridlm.train.checkpoint import load_model
+from hybridlm.runs import load_model
 
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
