@@ -37,7 +37,7 @@ import numpy as np
 from hybridlm.data.retrieval_text import as_document, fitted_sample, haystack_ids
 from hybridlm.errors import ConfigError
 
-FORMAT = 4  # part of the source's cache key: a change to the documents bumps it
+FORMAT = 5  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
 REPEATS = ("repeat", "repeat_ngram")  # need no haystack
