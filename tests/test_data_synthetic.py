@@ -42,26 +42,37 @@ def test_documents_are_reproducible_and_end_with_their_answer():
             assert text.count(value) == 2  # the needle and the answer
 
 
-def test_repeat_documents_are_periodic_from_their_first_period():
+@pytest.mark.parametrize("task", synthetic.REPEATS)
+def test_repeat_documents_are_periodic_from_their_first_period(task):
     """Every character after the first period equals the one a period earlier, and the
     period is at most half the document: each is followed by at least one repeat."""
-    docs = list(synthetic.retrieval_documents(*synthetic.parse_spec("30:64:repeat")))
-    assert len(docs) == 30 and all(n.split("/")[1] == "repeat" for n, _ in docs)
+    docs = list(synthetic.retrieval_documents(*synthetic.parse_spec(f"30:64:{task}")))
+    assert len(docs) == 30 and all(n.split("/")[1] == task for n, _ in docs)
     for _, text in docs:
         assert 15 <= len(text) <= 63 and set(text) <= set(synthetic.REPEAT_ALPHABET)
         periods = [p for p in range(1, len(text)) if text[p:] == text[:-p]]
         assert periods and periods[0] <= len(text) // 2, text
 
 
+def test_ngram_repeats_need_more_than_one_character_to_locate_the_copy():
+    """Over 4 characters a period repeats its characters, so the one before the current
+    position occurs several times in a period: a one-character match is ambiguous."""
+    for _, text in synthetic.retrieval_documents(20, 64, ("repeat_ngram",)):
+        assert len(set(text)) <= synthetic.NGRAM_ALPHABET
+        period = next(p for p in range(1, len(text)) if text[p:] == text[:-p])
+        assert period > synthetic.NGRAM_ALPHABET  # some character repeats within a period
+
+
 def test_documents_use_train_content_only():
-    """Keys from the train half of the word list, numbers from the train range: evaluation
-    content (the other half, the other range) never appears."""
+    """Keys from the train half of the word list, numbers of even digit sum: evaluation
+    content (the other half, odd digit sums) never appears."""
     eval_words = set(WORDS[1::2])
     for _, text in synthetic.retrieval_documents(40, 300):
         for key in re.findall(r"magic number for ([a-z]+-[a-z]+)", text):
             assert not set(key.split("-")) & eval_words
         for number in re.findall(r"\b(\d{7})\b", text):
-            assert 1_000_000 <= int(number) < 5_500_000
+            assert 1_000_000 <= int(number) < 10_000_000
+            assert sum(map(int, number)) % 2 == 0, number
 
 
 def test_haystack_is_never_validation_text():

@@ -69,7 +69,7 @@ def test_report_tables_plots_and_markers(tmp_path):
     assert "| rope (2 seeds) | 0.600 [0.53, 0.67] (0.50-0.70) | 0.000 [0.00, 0.02] " \
            "(0.00-0.00) | 0 |" in text
     assert "| nope | 1.000 [0.96, 1.00] | 0.000 [0.00, 0.04] | 0 |" in text
-    assert "| nope | 1.000 [0.96, 1.00] | 0 |" in text  # training-range values (128 only)
+    assert "| nope | 1.000 [0.96, 1.00] | 0 |" in text  # training-split values (128 only)
     # RULER: 2 tasks x 30 samples per length; Wilson of 15 / 60 and 7.5 / 60
     assert "| nope | 0.250 [0.16, 0.37] | 0.125 [0.06, 0.23] | 0.125 |" in text
     assert "| rope (2 seeds) | 0% | 0.60 | 0.00 |" in text  # by depth, mean of the seeds

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hybridlm.data import retrieval_text as rt
 from hybridlm.data.tokenizers import ByteTokenizer
 from hybridlm.eval import analysis_math as am
 from hybridlm.eval import scoring, tasks
@@ -160,3 +161,17 @@ def test_haystacks_and_loss_documents_hold_no_synthetic_text(tmp_path):
     docs = heldout.held_out_documents(cfg)
     assert docs and all(d[0] == TOK.BOS for d in docs)
     assert not any(b"magic number" in bytes(t for t in d if t < 256) for d in docs)
+
+
+def test_value_splits_are_disjoint_and_share_every_digit_position():
+    """Held-out values are numbers never trained on, written with digits trained in every
+    position; the split sizes behind `chance` are counted, not assumed."""
+    numbers = np.arange(*rt.NUMBERS)
+    digit_sum = sum((numbers // 10**k) % 10 for k in range(7))
+    for split, parity in (("train", 0), ("heldout", 1)):
+        assert rt.split_size(split) == int(np.sum(digit_sum % 2 == parity))
+        c = rt.Content(np.random.default_rng(1), split)
+        drawn = [c.number() for _ in range(2000)]
+        assert all(rt.number_split(int(v)) == split for v in drawn)
+        assert {v[0] for v in drawn} == set("123456789")
+        assert {v[-1] for v in drawn} == set("0123456789")

@@ -38,25 +38,39 @@ class Sample:
 
 
 SPLITS = ("train", "heldout")
-NUMBERS = {"train": (1_000_000, 5_500_000), "heldout": (5_500_000, 10_000_000)}  # [low, high)
+NUMBERS = (1_000_000, 10_000_000)  # [low, high): 7 digits; a split takes every other number
 MULTIKEY_DISTRACTORS = 3  # needles with other keys in niah_multikey
 COMMON_TOP = 3  # words asked for in common_words
 
 
+def number_split(number: int) -> str:
+    """'train' when the digit sum is even, else 'heldout': the splits are disjoint yet both
+    put every digit in every position, so a held-out value is new as a number but not as
+    digits (split by range, held-out first digits would be ones never written after "is")."""
+    return "train" if sum(map(int, str(number))) % 2 == 0 else "heldout"
+
+
+def split_size(split: str) -> int:
+    """Numbers in one split: half the range (digit sums alternate within every ten)."""
+    return (NUMBERS[1] - NUMBERS[0]) // 2
+
+
 class Content:
     """Random keys and values of one split. The splits are disjoint (keys from alternate
-    words, numbers from disjoint ranges): training documents use `train` only, so a
+    words, numbers by digit-sum parity): training documents use `train` only, so a
     `heldout` item is never trained on."""
 
     def __init__(self, rng: np.random.Generator, split: str = "heldout"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.rng = rng
+        self.rng, self.split = rng, split
         self.words = WORDS[0::2] if split == "train" else WORDS[1::2]
-        self.low, self.high = NUMBERS[split]
 
     def number(self) -> str:
-        return str(int(self.rng.integers(self.low, self.high)))
+        """A uniform number of the split (drawn until it falls in it: two draws expected)."""
+        while number_split(n := int(self.rng.integers(*NUMBERS))) != self.split:
+            pass
+        return str(n)
 
     def key(self) -> str:
         return "-".join(self.rng.choice(self.words, size=2, replace=False))

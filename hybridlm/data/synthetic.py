@@ -17,7 +17,7 @@ Spec: `retrieval:COUNT[:CHARS[:TASKS]]`, COUNT documents of CHARS/4..CHARS chara
 counted (default 1024; keep it at most data.seq_len so that a question is not cut from its
 context or its answer), of the tasks TASKS ('+'-separated, default the five retrieval
 tasks; `copy` adds text that ends repeating a span of it, `repeat` a random string of letters
-and digits repeated to the length) in turn.
+and digits repeated to the length, `repeat_ngram` one over 4 characters) in turn.
 
 `repeat` is induction practice with the densest signal: after its first period every
 character is predictable only by looking back for where the current context occurred and
@@ -37,15 +37,17 @@ import numpy as np
 from hybridlm.data.retrieval_text import as_document, fitted_sample, haystack_ids
 from hybridlm.errors import ConfigError
 
-FORMAT = 4  # part of the source's cache key: a change to the documents bumps it
+FORMAT = 5  # part of the source's cache key: a change to the documents bumps it
 TRAIN_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                "variable_tracking")
-TASKS = (*TRAIN_TASKS, "copy", "repeat")  # the last two on request only: induction practice
+REPEATS = ("repeat", "repeat_ngram")  # need no haystack
+TASKS = (*TRAIN_TASKS, "copy", *REPEATS)  # the last three on request only: induction practice
 COPY_SPAN = (24, 96)  # characters repeated at the end of a `copy` document
 DEFAULT_CHARS = 1024
 MIN_CHARS = 256  # a single needle, its question and answer fit; several need ~340
 MIN_REPEAT_CHARS = 16  # `repeat` alone: a string of 4+ characters, repeated
 REPEAT_ALPHABET = string.ascii_letters + string.digits  # 62: few repeats within a period
+NGRAM_ALPHABET = 4  # `repeat_ngram`: characters per string, so one character is ambiguous
 HAYSTACK_FILES = 200  # stdlib files joined as filler (a few MB)
 
 
@@ -59,7 +61,7 @@ def parse_spec(location: str) -> tuple[int, int, tuple[str, ...]]:
     except (ValueError, IndexError):
         count = chars = -1
     tasks = tuple(parts[2].split("+")) if len(parts) > 2 else TRAIN_TASKS
-    min_chars = MIN_REPEAT_CHARS if set(tasks) == {"repeat"} else MIN_CHARS
+    min_chars = MIN_REPEAT_CHARS if set(tasks) <= set(REPEATS) else MIN_CHARS
     if len(parts) > 3 or count < 1 or chars < min_chars:
         raise ConfigError(f"data.source 'retrieval:{location}': write retrieval:COUNT, "
                           f"retrieval:COUNT:CHARS or retrieval:COUNT:CHARS:TASK+TASK with "
@@ -121,6 +123,15 @@ def repeat_document(length: int, rng: np.random.Generator) -> np.ndarray:
     return np.resize(rng.choice(alphabet, size=period), length)
 
 
+def repeat_ngram_document(length: int, rng: np.random.Generator) -> np.ndarray:
+    """Like `repeat_document`, over NGRAM_ALPHABET random characters: each character occurs
+    many times per period, so only the several characters before it say where to copy from,
+    as only the words before it ("... for KEY is") locate a needle's first digit."""
+    period = int(rng.integers(max(length // 6, 4), max(length // 2, 4) + 1))
+    alphabet = rng.choice(CharCodec().encode(REPEAT_ALPHABET), NGRAM_ALPHABET, replace=False)
+    return np.resize(rng.choice(alphabet, size=period), length)
+
+
 def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRAIN_TASKS,
                         seed: int = 0) -> Iterator[tuple[str, str]]:
     """(name, text) of `count` retrieval documents, each a task prompt plus its answer, of
@@ -128,7 +139,7 @@ def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRA
     max_chars = data.seq_len a document fills at most one row: never cut). Tasks take turns;
     one whose needles and question alone are longer than that gives way to the next."""
     codec = CharCodec()
-    haystack = haystack_chars() if set(tasks) - {"repeat"} else None  # repeats need no text
+    haystack = haystack_chars() if set(tasks) - set(REPEATS) else None
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         length = int(rng.integers(max_chars // 4, max_chars + 1)) - 1  # the BOS comes first
@@ -137,6 +148,8 @@ def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRA
             task = tasks[(i + k) % len(tasks)]
             if task == "repeat":
                 ids = repeat_document(length, rng)
+            elif task == "repeat_ngram":
+                ids = repeat_ngram_document(length, rng)
             elif task == "copy":
                 ids = copy_document(haystack, length, depth, rng)
             else:

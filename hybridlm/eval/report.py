@@ -225,7 +225,7 @@ def _evaluations(root: Path, names: Sequence[str], train_len: int,
     for title, scores, key, image in (
             ("needle in a haystack, held-out keys and values (exact match) by length", niah,
              "niah", "niah.png"),
-            ("needle in a haystack, training-range keys and values (exact match) by length",
+            ("needle in a haystack, training-split keys and values (exact match) by length",
              niah_train, "niah", "niah_train.png"),
             ("RULER-style tasks (mean score) by length", ruler, "ruler", "ruler.png")):
         text, made = _score_table(title, scores, labels, {g: c[key] for g, c in chance.items()},

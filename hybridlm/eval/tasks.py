@@ -62,11 +62,10 @@ def chance(task: str, split: str = "heldout") -> float:
     common_words, `top` of the words in the list (each asked word is among them with
     probability top / words).
     """
-    low, high = rt.NUMBERS[split]
     if task == "niah_multikey":
         return 1.0 / (rt.MULTIKEY_DISTRACTORS + 1)
     if task == "common_words":
         return rt.COMMON_TOP / len(rt.WORDS[1::2])
     if task == "variable_tracking":
         return 1.0 / 90_000  # names X10000..X99999
-    return 1.0 / (high - low)
+    return 1.0 / rt.split_size(split)
