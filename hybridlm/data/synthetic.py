@@ -115,20 +115,17 @@ def copy_document(haystack: np.ndarray, length: int, depth: float,
     return np.concatenate([text, CharCodec().encode("\n"), text[start:start + span]])
 
 
-def repeat_document(length: int, rng: np.random.Generator) -> np.ndarray:
-    """`length` characters: a random string of letters and digits (a sixth to a half of the
-    length) repeated; after its first period each character follows from looking back."""
+def repeat_document(length: int, rng: np.random.Generator,
+                    symbols: int = len(REPEAT_ALPHABET)) -> np.ndarray:
+    """`length` characters: a random string (a sixth to a half of the length) repeated; after
+    its first period each character follows from looking back. Over all 62 letters and
+    digits one character locates the copy; over `symbols` = NGRAM_ALPHABET random ones
+    (`repeat_ngram`) each occurs many times per period, so only the several characters before
+    it do, as only the words before it ("... for KEY is") locate a needle's first digit."""
     period = int(rng.integers(max(length // 6, 4), max(length // 2, 4) + 1))
     alphabet = CharCodec().encode(REPEAT_ALPHABET)
-    return np.resize(rng.choice(alphabet, size=period), length)
-
-
-def repeat_ngram_document(length: int, rng: np.random.Generator) -> np.ndarray:
-    """Like `repeat_document`, over NGRAM_ALPHABET random characters: each character occurs
-    many times per period, so only the several characters before it say where to copy from,
-    as only the words before it ("... for KEY is") locate a needle's first digit."""
-    period = int(rng.integers(max(length // 6, 4), max(length // 2, 4) + 1))
-    alphabet = rng.choice(CharCodec().encode(REPEAT_ALPHABET), NGRAM_ALPHABET, replace=False)
+    if symbols < len(alphabet):
+        alphabet = rng.choice(alphabet, symbols, replace=False)
     return np.resize(rng.choice(alphabet, size=period), length)
 
 
@@ -149,7 +146,7 @@ def retrieval_documents(count: int, max_chars: int, tasks: tuple[str, ...] = TRA
             if task == "repeat":
                 ids = repeat_document(length, rng)
             elif task == "repeat_ngram":
-                ids = repeat_ngram_document(length, rng)
+                ids = repeat_document(length, rng, NGRAM_ALPHABET)
             elif task == "copy":
                 ids = copy_document(haystack, length, depth, rng)
             else:
