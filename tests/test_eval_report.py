@@ -103,3 +103,16 @@ def test_report_needs_summarize(tmp_path, capsys):
     assert cli.main(["sweep", "--sweep", "configs/experiments/paper_mini.py", "--launcher",
                      "print", "--root", str(tmp_path), "--report", "x.md"]) == 2
     assert "--report FILE.md needs --summarize" in capsys.readouterr().err
+
+
+def test_paper_mini_warm_arguments_reach_the_commands(tmp_path, capsys):
+    """The copying warm stage (window 8, text) and n-gram repeats as sweep arguments: the
+    printed commands carry them, and every point's config is checked before anything runs."""
+    spec = ("configs/experiments/paper_mini.py:seeds=1,variants=rnope_swa,warm_window=8,"
+            "warm_text=0.3,ngram=0.5")
+    assert cli.main(["sweep", "--sweep", spec, "--launcher", "print",
+                     "--root", str(tmp_path)]) == 0
+    warm, stage2 = capsys.readouterr().out.splitlines()[:2]
+    assert "window=8,variant=rnope_swa,seq_len=64" in warm
+    assert "--config.data.weights=0.35,0.35,0.3" in warm and "64:repeat_ngram" in warm
+    assert "--config.data.weights=0.15,0.6,0.125,0.125" in stage2
