@@ -175,3 +175,5 @@ def test_value_splits_are_disjoint_and_share_every_digit_position():
         assert all(rt.number_split(int(v)) == split for v in drawn)
         assert {v[0] for v in drawn} == set("123456789")
         assert {v[-1] for v in drawn} == set("0123456789")
+    with pytest.raises(ValueError, match="split must be one of"):
+        rt.split_size("validation")
