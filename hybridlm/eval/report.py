@@ -169,13 +169,33 @@ def _depth_table(title: str, niah: dict[str, list[dict]], labels: dict[str, str]
     return f"**{title}**\n\n" + _table(["point", "depth", *map(str, lengths)], rows)
 
 
+def _seed_table(niah: dict[str, dict[str, dict]], train_len: int) -> str:
+    """Needles at the first stage's training length, one column per seed (held-out / training-split
+    values): where each seed either retrieves or does not, the pooled mean hides the split."""
+    n = str(train_len)
+    rows, seeds = [], sorted({m.rsplit("_s", 1)[1] for ms in niah.values() for m in ms
+                              if len(ms) > 1}, key=int)
+    for g, members in niah.items():
+        if len(members) < 2:
+            continue
+        cells = {m.rsplit("_s", 1)[1]: f"{x['by_length'][n]:.2f} / "
+                 f"{x.get('train_values', {}).get('by_length', {}).get(n, float('nan')):.2f}"
+                 for m, x in members.items() if n in x["by_length"]}
+        rows.append([g, *(cells.get(s, "-") for s in seeds)])
+    if not rows:
+        return ""
+    return (f"**needle in a haystack at {train_len} tokens, seed by seed** "
+            "(held-out / training-split values)\n\n"
+            + _table(["point", *(f"seed {s}" for s in seeds)], rows))
+
+
 def _evaluations(root: Path, names: Sequence[str], train_len: int,
                  img: Path) -> tuple[str, list[str]]:
     groups = _groups(names)
     labels = {g: _label(g, m) for g, m in groups.items()}
     parts, images = [], []
     loss, curves, kv = {}, {}, {}
-    niah, niah_train, ruler, chance, depth_grids = {}, {}, {}, {}, {}
+    niah, niah_train, ruler, chance, depth_grids, by_seed = {}, {}, {}, {}, {}, {}
     for g, members in groups.items():
         ev = {m: root / m / "eval" for m in members}
         ppl = {m: _json(e / "ppl.json") for m, e in ev.items()}
@@ -192,7 +212,9 @@ def _evaluations(root: Path, names: Sequence[str], train_len: int,
             if longest:
                 curves[labels[g]] = ([b["center"] for b in longest["buckets"]],
                                      [b["loss"] for b in longest["buckets"]])
-        nds = [x for x in (_json(e / "niah.json") for e in ev.values()) if x]
+        by_seed[g] = {m: x for m, x in ((m, _json(e / "niah.json")) for m, e in ev.items())
+                      if x}
+        nds = list(by_seed[g].values())
         rds = [x for x in (_json(e / "ruler.json") for e in ev.values()) if x]
         lengths = sorted({int(n) for x in nds + rds for n in x.get("by_length", {})}
                          | {int(k.rsplit("_", 1)[1]) for x in rds for k in x["summary"]
@@ -232,6 +254,7 @@ def _evaluations(root: Path, names: Sequence[str], train_len: int,
                                   train_len, img, image)
         parts.append(text)
         images += made
+    parts.append(_seed_table(by_seed, train_len))
     parts.append(_depth_table("needle (held-out values) by depth and length, mean over seeds",
                               depth_grids, labels))
     if kv:
