@@ -14,10 +14,11 @@ chain of stages, each starting from the previous one's parameters (train.init_fr
    built-in corpus, at window `warm_window`. A model this small trained on needles alone sits
    on the loss plateau that precedes copying for thousands of steps (it answers the most
    common number); short rows of pure repetition give the look-back-and-copy circuit the
-   densest signal for the least compute. The defaults are the reported sweep's (window 64 =
-   row length, no text): there the windowed layers learn the copying and RNoPE-SWA's NoPE
-   layer learns it in one seed of three; `warm_window=8,warm_text=0.3` makes it learn it in
-   three of three (docs/experiments.md, "Why the other seeds do not retrieve").
+   densest signal for the least compute. The defaults are the reported sweep's (window 8,
+   30% text): a window shorter than the repeat's distance leaves the copying to the
+   full-attention layer, the one that must retrieve at length. The first sweep
+   (`warm_window=64,warm_text=0`) and why its other seeds did not retrieve:
+   docs/mini-diagnosis.md.
 2. `<variant>_s<seed>`: `steps` steps at `seq_len` (window `window`) on the built-in corpus
    plus single-needle documents in the evaluation's format and both kinds of repeats
    (hybridlm/data/synthetic.py, training-split keys and values only). Evaluated at 1x, 2x,
@@ -64,7 +65,7 @@ def evaluations(seq_len: int, samples: int) -> list[list[str]]:
 def get_sweep(arg=None):
     arg = parse_arg(arg, variants=VARIANTS, seeds=3, size="mini", seq_len=256, window=64,
                     steps=1200, batch=8, lr=3e-3, warm_len=64, warm_steps=3000, warm_batch=16,
-                    warm_window=64, warm_text=0.0, needles=0.6, repeats=0.25, ngram=0.0,
+                    warm_window=8, warm_text=0.3, needles=0.6, repeats=0.25, ngram=0.0,
                     ext_factor=4, ext_steps=200,
                     ext_theta=100_000.0, ext_lr=1e-3, samples=20)
     size = MINI if arg.size == "mini" else {}
