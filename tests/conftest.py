@@ -2,8 +2,14 @@
 
 import os
 
+# XLA's CPU runtime aborts the whole process when one device's thread reaches a collective
+# more than 40 s after the others (xla_cpu_collective_call_terminate_timeout_seconds); eight
+# fake devices on a loaded 2-core CI machine (the other xdist worker, a test's subprocesses)
+# once took that long, and the worker died with a bare "Fatal Python error: Aborted".
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8 " +
+                           PATIENT_COLLECTIVES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -20,6 +20,7 @@ from hybridlm import config as config_lib
 from hybridlm.config import ConfigError
 from hybridlm.parallel import distributed
 from hybridlm.parallel.distributed import DEFAULT_PORT, Plan, first_slurm_host, plan
+from tests.conftest import PATIENT_COLLECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_CLI = f"{sys.executable} -m hybridlm.cli"
@@ -58,7 +59,7 @@ def data_overrides(corpus: Path) -> list[str]:
 
 def cpu_env(devices: int) -> dict[str, str]:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}",
             "HYBRIDLM": PYTHON_CLI}
 
 
