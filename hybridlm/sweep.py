@@ -56,14 +56,16 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
 
 
 def chains(points: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The points grouped into chains: a point without init_from, then (in sweep order) the
-    points that start from it or from a later stage of it."""
+    """The points grouped into chains: a point without init_from (or whose start is not
+    among `points`: `--only` a later stage, its start already trained), then (in sweep order)
+    the points that start from it or from a later stage of it."""
     out: list[list[dict[str, Any]]] = []
     chain_of: dict[str, list[dict[str, Any]]] = {}
     for point in points:
         start = point.get("init_from")
-        chain = chain_of[start] if start is not None else []
-        if start is None:
+        chain = chain_of.get(start) if start is not None else None
+        if chain is None:
+            chain = []
             out.append(chain)
         chain.append(point)
         chain_of[point["name"]] = chain

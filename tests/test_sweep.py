@@ -252,6 +252,8 @@ def test_stages_chain_behind_their_point_and_chains_run_in_parallel(tmp_path, ca
     out = capfd.readouterr().out
     assert out.count("usage: hybridlm prepare") == 1 and (root / "a_ext/after/0.done").exists()
     assert out.index("a: trained, skipped") < out.index("a_ext: trained, skipped")
+    assert sweep.run(str(spec), "local", root, only="a_ext") == 0  # its start is trained
+    assert "[1/1] a_ext: trained, skipped" in capfd.readouterr().out
     assert sweep.run(str(spec), "print", root, only="a") == 0
     lines = capfd.readouterr().out.splitlines()
     assert len(lines) == 2 and f"--workdir {root / 'a'} " in lines[0]
