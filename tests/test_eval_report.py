@@ -73,8 +73,10 @@ def test_report_tables_plots_and_markers(tmp_path):
     # RULER: 2 tasks x 30 samples per length; Wilson of 15 / 60 and 7.5 / 60
     assert "| nope | 0.250 [0.16, 0.37] | 0.125 [0.06, 0.23] | 0.125 |" in text
     assert "| rope (2 seeds) | 0% | 0.60 | 0.00 |" in text  # by depth, mean of the seeds
-    assert "| point | seed 0 | seed 1 |\n|---|---|---|\n| rope | 0.50 / 1.00 | 0.70 / 1.00 |" \
-        in text  # each seed at the training length; `nope` (one run) has no row
+    assert ("| point | length | seed 0 | seed 1 |\n|---|---|---|---|\n"
+            "| rope | 128 (train) | 0.50 / 1.00 | 0.70 / 1.00 |\n"
+            "| rope | 256 | 0.00 / - | 0.00 / - |\n") in text  # each seed at each length
+    assert "| nope | 128 (train) |" not in text  # one run: no seed-by-seed row
     assert "| nope | 0.344 | 0.297 | 0.250 |" in text  # KV cache: (3 * 16 + L) / 4L
     assert "| nope | 128 | global | 0.100 (0.250) | 0.150 (0.125) | 0.250 (0.500) | " \
            "0.500 (0.125) | 2.50 (3.00) |" in text

@@ -170,23 +170,25 @@ def _depth_table(title: str, niah: dict[str, list[dict]], labels: dict[str, str]
 
 
 def _seed_table(niah: dict[str, dict[str, dict]], train_len: int) -> str:
-    """Needles at the first stage's training length, one column per seed (held-out / training-split
-    values): where each seed either retrieves or does not, the pooled mean hides the split."""
-    n = str(train_len)
+    """Needles at every evaluated length, one column per seed (held-out / training-split
+    values): where each seed either retrieves or does not, the pooled mean hides the split,
+    and only a retrieving seed's row shows how retrieval holds beyond the training length."""
     rows, seeds = [], sorted({m.rsplit("_s", 1)[1] for ms in niah.values() for m in ms
                               if len(ms) > 1}, key=int)
     for g, members in niah.items():
         if len(members) < 2:
             continue
-        cells = {m.rsplit("_s", 1)[1]: f"{x['by_length'][n]:.2f} / "
-                 f"{x.get('train_values', {}).get('by_length', {}).get(n, float('nan')):.2f}"
-                 for m, x in members.items() if n in x["by_length"]}
-        rows.append([g, *(cells.get(s, "-") for s in seeds)])
+        lengths = sorted({int(n) for x in members.values() for n in x["by_length"]})
+        for n in map(str, lengths):
+            cells = {m.rsplit("_s", 1)[1]: f"{x['by_length'][n]:.2f} / "
+                     + _f(x.get("train_values", {}).get("by_length", {}).get(n), 2)
+                     for m, x in members.items() if n in x["by_length"]}
+            label = f"{n} (train)" if int(n) == train_len else n
+            rows.append([g, label, *(cells.get(s, "-") for s in seeds)])
     if not rows:
         return ""
-    return (f"**needle in a haystack at {train_len} tokens, seed by seed** "
-            "(held-out / training-split values)\n\n"
-            + _table(["point", *(f"seed {s}" for s in seeds)], rows))
+    return ("**needle in a haystack, seed by seed** (held-out / training-split values)\n\n"
+            + _table(["point", "length", *(f"seed {s}" for s in seeds)], rows))
 
 
 def _evaluations(root: Path, names: Sequence[str], train_len: int,
