@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def _title(ax, title: str, width: int = 55) -> None:
+    """A title wrapped to the figure: the long ones of the sweep report were cut off."""
+    ax.set_title("\n".join(textwrap.wrap(title, width)))
 
 
 def needle_heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[float],
@@ -27,7 +33,7 @@ def needle_heatmap(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[
             ax.text(j, i, f"{scores[i, j]:.2f}", ha="center", va="center", fontsize=7)
     if train_len is not None and train_len in lengths:
         ax.axvline(list(lengths).index(train_len) + 0.5, color="black", lw=1, ls="--")
-    ax.set_title(title)
+    _title(ax, title)
     fig.colorbar(im, ax=ax, fraction=0.04)
     _save(fig, path)
 
@@ -81,7 +87,7 @@ def segment_bars(masses: Mapping[str, Mapping[str, float]], path: str | Path,
     ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("attention mass")
-    ax.set_title(title)
+    _title(ax, title)
     ax.legend(fontsize=7, loc="upper right")
     _save(fig, path)
 
@@ -94,7 +100,7 @@ def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str) -> None:
     """Labels, legend and grid of a line plot, then save it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(ax, title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -120,7 +126,7 @@ def bars(values: Mapping[str, Mapping[str, float | None]], path: str | Path, yla
     ax.set_xticks(np.arange(len(rows)) + width * (len(metrics) - 1) / 2, rows, rotation=30,
                   ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(ax, title)
     ax.legend(fontsize=7)
     _save(fig, path)
 
