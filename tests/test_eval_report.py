@@ -55,7 +55,7 @@ def test_report_tables_plots_and_markers(tmp_path):
     out = tmp_path / "docs" / "exp.md"
     out.parent.mkdir()
     out.write_text(f"# Experiments\n\nprose before\n\n{BEGIN}\nold\n{END}\n\nprose after\n")
-    names = ["rope_s0", "rope_s1", "nope"]
+    names = ["rope_s0", "rope_s1", "rope_s2", "nope"]  # rope_s2 never ran: not a seed
     write_report(root, names, out, "test sweep")
     text = out.read_text()
     assert text.startswith("# Experiments\n\nprose before\n") and text.endswith("prose after\n")

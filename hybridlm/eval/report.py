@@ -323,6 +323,8 @@ def _points_json(root: Path, names: Sequence[str], path: Path) -> None:
 def write_report(root: Path, names: Sequence[str], out: Path, title: str) -> Path:
     """The report of the points `names` under `root`, written into `out` (markdown)."""
     root, out = Path(root), Path(out)
+    # points that never ran (a partial sweep) are neither rows nor seeds in a group's label
+    names = [n for n in names if (root / n).is_dir()] or list(names)
     img = out.parent / "img" / out.stem
     img.mkdir(parents=True, exist_ok=True)
     evaluated = [n for n in names if any((root / n / "eval").glob("*.json"))] or list(names)
